@@ -1,0 +1,103 @@
+"""Building blocks shared by the vision tower and the text decoder.
+
+Every parameter carries its logical axis names (`out_sharding` metadata, not applied eagerly),
+so that the sharding rules of a later stage can map them onto a mesh without touching the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+INIT_STD = 0.02  # transformers' initializer_range for Qwen2.5-VL
+
+
+def make_param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Axes, dtype: jnp.dtype,
+               init: str = "normal") -> nnx.Param:
+    """A parameter with logical axis names; `init` is `normal` (std 0.02), `zeros` or `ones`."""
+    shape = tuple(shape)
+    if len(axes) != len(shape):
+        raise ValueError(f"axes {axes} do not match shape {shape}")
+    if init == "normal":
+        value = INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in fp32, scaled in the input dtype (as transformers does)."""
+
+    def __init__(self, dim: int, *, eps: float, axis_name: str, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.scale = make_param(rngs, (dim,), (axis_name,), param_dtype, init="ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+class Dense(nnx.Module):
+    """A linear map whose kernel may have several input and output axes.
+
+    `in_shape` and `out_shape` let attention keep heads as their own (shardable) axes: the q
+    projection is `[embed] -> [heads, head_dim]` rather than a flat `[embed, heads*head_dim]`.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, in_axes: Axes,
+                 out_axes: Axes, use_bias: bool, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        self.n_in = len(in_shape)
+        self.dtype = dtype
+        self.kernel = make_param(rngs, (*in_shape, *out_shape), (*in_axes, *out_axes), param_dtype)
+        self.bias = (make_param(rngs, out_shape, out_axes, param_dtype, init="zeros")
+                     if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half rotary; `cos`/`sin` broadcast over the head axis (`[..., seq, 1, head_dim]`)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention with a boolean mask, softmax in fp32.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
+    mask: [batch, q_len, kv_len] (True = attend). Returns [batch, q_len, heads, head_dim].
+    Masked logits take the dtype's minimum, as transformers' eager path does, so a row with no
+    visible key gives a finite (uniform) result instead of NaN.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k) * (head_dim**-0.5)
+    scores = scores.astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+    return out.reshape(batch, q_len, heads, head_dim)

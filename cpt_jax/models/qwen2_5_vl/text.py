@@ -1,0 +1,173 @@
+"""The Qwen2 text decoder with multimodal rotary (M-RoPE), scanned layers and a KV cache."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import TextConfig
+from .layers import Dense, RMSNorm, apply_rotary, dot_product_attention, make_param
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, with what decoding needs to continue.
+
+    k, v: [layers, batch, max_len, kv_heads, head_dim]; valid: [batch, max_len], True where a
+    slot holds a real (not padding) token; index: the next slot to write (rows are aligned: left
+    padding keeps every row's last prompt token in the same slot); next_position: [batch], the
+    M-RoPE position of the next token (text tokens use one position on all three streams).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+    next_position: jax.Array
+
+    @classmethod
+    def init(cls, config: TextConfig, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads,
+                 config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32),
+                   jnp.zeros((batch,), jnp.int32))
+
+
+def mrope_cos_sin(positions: jax.Array, config: TextConfig,
+                  dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [batch, seq, 1, head_dim] from 3-D positions [3, batch, seq].
+
+    The rotary frequencies are split into `mrope_section` chunks that read the temporal, height
+    and width position streams in turn.
+    """
+    half = config.head_dim // 2
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / config.head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [3, b, s, half]
+    stream = jnp.repeat(jnp.arange(3), jnp.asarray(config.mrope_section),
+                        total_repeat_length=half)
+    freqs = jnp.take_along_axis(freqs, stream[None, None, None, :], axis=0)[0]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: TextConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        h, hd = config.hidden_size, config.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Dense((h,), (config.num_attention_heads, hd), in_axes=("embed",),
+                            out_axes=("heads", "head_dim"), use_bias=True, **kw)
+        self.k_proj = Dense((h,), (config.num_key_value_heads, hd), in_axes=("embed",),
+                            out_axes=("kv_heads", "head_dim"), use_bias=True, **kw)
+        self.v_proj = Dense((h,), (config.num_key_value_heads, hd), in_axes=("embed",),
+                            out_axes=("kv_heads", "head_dim"), use_bias=True, **kw)
+        self.o_proj = Dense((config.num_attention_heads, hd), (h,), in_axes=("heads", "head_dim"),
+                            out_axes=("embed",), use_bias=False, **kw)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        q = apply_rotary(self.q_proj(x), cos, sin)
+        k = apply_rotary(self.k_proj(x), cos, sin)
+        v = self.v_proj(x)
+        if kv is not None:
+            k_cache, v_cache = kv
+            start = (0, index, 0, 0)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            kv = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        return self.o_proj(dot_product_attention(q, k, v, mask)), kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: TextConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        h, i = config.hidden_size, config.intermediate_size
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Dense((h,), (i,), in_axes=("embed",), out_axes=("mlp",), **kw)
+        self.up_proj = Dense((h,), (i,), in_axes=("embed",), out_axes=("mlp",), **kw)
+        self.down_proj = Dense((i,), (h,), in_axes=("mlp",), out_axes=("embed",), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: TextConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        norm = dict(eps=config.rms_norm_eps, axis_name="embed", param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, kv, index):
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class TextDecoder(nnx.Module):
+    def __init__(self, config: TextConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                 remat: bool, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = dtype
+        self.remat = remat
+        self.embed_tokens = make_param(rngs, (config.vocab_size, config.hidden_size),
+                                       ("vocab", "embed"), param_dtype)
+
+        @nnx.split_rngs(splits=config.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(layer_rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=layer_rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, axis_name="embed",
+                            param_dtype=param_dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.embed_tokens[...][input_ids].astype(self.dtype)
+
+    def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """embeds [b, s, hidden], positions [3, b, s], attention_mask [b, s] (True = real token).
+
+        Without a cache, attention is causal over this sequence. With one, this sequence's keys
+        and values are written at `cache.index` and the queries see every valid earlier slot.
+        Returns the final-normed hidden states [b, s, hidden] and the updated cache.
+        """
+        seq = embeds.shape[1]
+        attention_mask = attention_mask.astype(bool)
+        cos, sin = mrope_cos_sin(positions, self.config, self.dtype)
+        if cache is None:
+            causal = jnp.tril(jnp.ones((seq, seq), bool))
+            mask = causal[None] & attention_mask[:, None, :]
+            index = None
+        else:
+            index = cache.index
+            valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
+            slots = jnp.arange(valid.shape[1])
+            query_slots = index + jnp.arange(seq)
+            mask = (slots[None, :] <= query_slots[:, None])[None] & valid[:, None, :]
+
+        graphdef, state = nnx.split(self.layers)
+
+        def body(x, layer):
+            layer_state, kv = layer
+            x, kv = nnx.merge(graphdef, layer_state)(x, cos, sin, mask, kv, index)
+            return x, kv
+
+        if self.remat:
+            body = jax.checkpoint(body)
+        kv_in = None if cache is None else (cache.k, cache.v)
+        x, kv_out = jax.lax.scan(body, embeds, (state, kv_in))
+        x = self.norm(x)
+        if cache is not None:
+            last = jnp.max(jnp.where(attention_mask, positions.max(axis=0), -1), axis=-1)
+            cache = KVCache(kv_out[0], kv_out[1], valid, index + seq,
+                            jnp.maximum(last + 1, cache.next_position))
+        return x, cache

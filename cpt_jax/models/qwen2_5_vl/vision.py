@@ -1,0 +1,177 @@
+"""The Qwen2.5-VL vision tower: patch embedding, windowed ViT blocks with 2-D rotary, patch merger.
+
+Everything that depends on the image sizes (window order, attention segments, rotary
+coordinates) is computed on the host by `vision_layout` and passed in as arrays, so the tower
+itself is one jit-able program over a packed sequence of patches from any number of images and
+video frames.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import VisionConfig
+from .layers import Dense, RMSNorm, apply_rotary, dot_product_attention
+from .vision_layout import VisionLayout, vision_layout
+
+NORM_EPS = 1e-6  # fixed in transformers, not read from the config
+
+
+class VisionInputs(NamedTuple):
+    """Packed patches of all images/videos in a batch and their host-computed layout.
+
+    pixel_values: [num_patches, patch_dim]; window_index, reverse_index: [num_patches / 4];
+    rotary_positions: [num_patches, 2] (h, w); window_segment_ids, frame_segment_ids:
+    [num_patches]. Index arrays are in window order, as the blocks see the tokens.
+    """
+
+    pixel_values: jax.Array
+    window_index: jax.Array
+    reverse_index: jax.Array
+    rotary_positions: jax.Array
+    window_segment_ids: jax.Array
+    frame_segment_ids: jax.Array
+
+    @classmethod
+    def build(cls, pixel_values: np.ndarray, grid_thw: np.ndarray,
+              config: VisionConfig) -> VisionInputs:
+        grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
+        expected = int(np.prod(grid_thw, axis=-1).sum())
+        if pixel_values.shape != (expected, config.patch_dim):
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)} but grid_thw "
+                f"{grid_thw.tolist()} needs ({expected}, {config.patch_dim})")
+        layout: VisionLayout = vision_layout(
+            grid_thw, spatial_merge_size=config.spatial_merge_size,
+            window_size=config.window_size, patch_size=config.patch_size)
+        return cls(jnp.asarray(pixel_values), jnp.asarray(layout.window_index),
+                   jnp.asarray(layout.reverse_index), jnp.asarray(layout.rotary_positions),
+                   jnp.asarray(layout.window_segment_ids), jnp.asarray(layout.frame_segment_ids))
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, config: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        heads, head_dim = config.num_heads, config.head_dim
+        self.qkv = Dense((config.hidden_size,), (3, heads, head_dim), in_axes=("vision_embed",),
+                         out_axes=(None, "vision_heads", "head_dim"), use_bias=True, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+        self.proj = Dense((heads, head_dim), (config.hidden_size,),
+                          in_axes=("vision_heads", "head_dim"), out_axes=("vision_embed",),
+                          use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        qkv = self.qkv(x)  # [n, 3, heads, head_dim]
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        # The 2-D rotary runs in fp32 whatever the compute dtype.
+        q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(x.dtype)
+        k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(x.dtype)
+        out = dot_product_attention(q[None], k[None], v[None], mask[None])[0]
+        return self.proj(out)
+
+
+class VisionMLP(nnx.Module):
+    def __init__(self, config: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        d, i = config.hidden_size, config.intermediate_size
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Dense((d,), (i,), in_axes=("vision_embed",), out_axes=("vision_mlp",), **kw)
+        self.up_proj = Dense((d,), (i,), in_axes=("vision_embed",), out_axes=("vision_mlp",), **kw)
+        self.down_proj = Dense((i,), (d,), in_axes=("vision_mlp",), out_axes=("vision_embed",), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, config: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = RMSNorm(config.hidden_size, eps=NORM_EPS, axis_name="vision_embed",
+                             param_dtype=param_dtype)
+        self.norm2 = RMSNorm(config.hidden_size, eps=NORM_EPS, axis_name="vision_embed",
+                             param_dtype=param_dtype)
+        self.attn = VisionAttention(config, **kw)
+        self.mlp = VisionMLP(config, **kw)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, then each 2x2 group of neighbouring patches -> Linear-GELU-Linear."""
+
+    def __init__(self, config: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        merged = config.hidden_size * config.merge_unit
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.ln_q = RMSNorm(config.hidden_size, eps=NORM_EPS, axis_name="vision_embed",
+                            param_dtype=param_dtype)
+        self.fc1 = Dense((merged,), (merged,), in_axes=("vision_mlp",), out_axes=("vision_mlp",),
+                         **kw)
+        self.fc2 = Dense((merged,), (config.out_hidden_size,), in_axes=("vision_mlp",),
+                         out_axes=("embed",), **kw)
+        self.merged = merged
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.ln_q(x).reshape(-1, self.merged)
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class VisionTower(nnx.Module):
+    def __init__(self, config: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                 remat: bool, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = dtype
+        self.remat = remat
+        self.patch_embed = Dense((config.patch_dim,), (config.hidden_size,), in_axes=(None,),
+                                 out_axes=("vision_embed",), use_bias=False, dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+
+        @nnx.split_rngs(splits=config.depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(block_rngs: nnx.Rngs) -> VisionBlock:
+            return VisionBlock(config, dtype=dtype, param_dtype=param_dtype, rngs=block_rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.merger = PatchMerger(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def rotary(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """cos/sin [n, 1, head_dim] for (h, w) coordinates, computed in fp32."""
+        quarter = self.config.head_dim // 2
+        inv_freq = 1.0 / (self.config.rope_theta
+                          ** (jnp.arange(0, quarter, 2, dtype=jnp.float32) / quarter))
+        freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [n, 2, head_dim/4]
+        freqs = freqs.reshape(positions.shape[0], -1)  # (h freqs, w freqs)
+        emb = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]
+        return jnp.cos(emb), jnp.sin(emb)
+
+    def __call__(self, inputs: VisionInputs) -> jax.Array:
+        """Returns merged features [num_patches / 4, out_hidden_size] in the original order."""
+        unit = self.config.merge_unit
+        x = self.patch_embed(inputs.pixel_values)
+        n, d = x.shape
+        x = x.reshape(n // unit, unit, d)[inputs.window_index].reshape(n, d)
+        cos, sin = self.rotary(inputs.rotary_positions)
+        window_mask = inputs.window_segment_ids[:, None] == inputs.window_segment_ids[None, :]
+        frame_mask = inputs.frame_segment_ids[:, None] == inputs.frame_segment_ids[None, :]
+
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(h: jax.Array, layer: tuple) -> tuple[jax.Array, None]:
+            block_state, is_full = layer
+            mask = jnp.where(is_full, frame_mask, window_mask)
+            return nnx.merge(graphdef, block_state)(h, cos, sin, mask), None
+
+        if self.remat:
+            body = jax.checkpoint(body)
+        full_attention = np.isin(np.arange(self.config.depth), self.config.fullatt_block_indexes)
+        x, _ = jax.lax.scan(body, x, (state, jnp.asarray(full_attention)))
+        merged = self.merger(x)
+        return merged[inputs.reverse_index]
