@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import torch  # noqa: E402
-vision_utils = pytest.importorskip("transformers.vision_utils")
+from transformers import vision_utils  # noqa: E402
 
 from cpt_jax.models.qwen2_5_vl.vision_layout import vision_layout  # noqa: E402
 

@@ -168,7 +168,7 @@ def save_pretrained(model: Qwen2_5_VL, path: str | Path, *, max_shard_bytes: int
     state = nnx.state(model, nnx.Param)
     params = {tuple(str(p) for p in var_path): var for var_path, var in nnx.to_flat_state(state)}
     dtype_name = {np.dtype(jnp.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}.get(
-        np.dtype(params[("language_model", "embed_tokens")].value.dtype), "float32")
+        np.dtype(params[("language_model", "embed_tokens")].get_value().dtype), "float32")
 
     shards: list[dict[str, np.ndarray]] = [{}]
     shard_bytes = 0
@@ -186,7 +186,7 @@ def save_pretrained(model: Qwen2_5_VL, path: str | Path, *, max_shard_bytes: int
     weight_map: dict[str, int] = {}
     total = 0
     for key, spec in checkpoint_keys(config).items():
-        value = params[spec.path].value
+        value = params[spec.path].get_value()
         if spec.layer is not None:
             value = value[spec.layer]
         value = np.asarray(jax.device_get(value))
