@@ -27,14 +27,14 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
 def _synthetic_image(width: int, height: int, seed: int) -> Image.Image:
+    """A light background with four coloured rectangles and ellipses."""
     rng = np.random.default_rng(seed)
-    image = Image.new("RGB", (width, height), tuple(int(c) for c in rng.integers(0, 256, 3)))
+    image = Image.new("RGB", (width, height), (235, 230, 215))
     draw = ImageDraw.Draw(image)
-    for _ in range(4):
-        x0, y0 = int(rng.integers(0, width - 20)), int(rng.integers(0, height - 20))
-        box = (x0, y0, x0 + int(rng.integers(10, 40)), y0 + int(rng.integers(10, 40)))
-        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+    for k in range(4):
+        x, y = int(rng.integers(0, width - 16)), int(rng.integers(0, height - 16))
+        size, fill = int(rng.integers(12, 36)), tuple(rng.integers(0, 256, 3).tolist())
+        (draw.ellipse if k % 2 else draw.rectangle)((x, y, x + size, y + size), fill=fill)
     return image
 
 
@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> None:
                            for i, (w, h) in enumerate([(112, 84), (56, 84)])))
     pixel_values, grid_thw = np.concatenate(patches), np.array(grids)
     rng = np.random.default_rng(args.seed)
-    special = min(cfg.bos_token_id, cfg.eos_token_id, cfg.image_token_id, cfg.video_token_id,
-                  cfg.vision_start_token_id, cfg.vision_end_token_id,
-                  cfg.pad_token_id if cfg.pad_token_id is not None else cfg.text.vocab_size)
+    special = min(i for i in (cfg.bos_token_id, cfg.eos_token_id, cfg.image_token_id,
+                              cfg.video_token_id, cfg.vision_start_token_id,
+                              cfg.vision_end_token_id, cfg.pad_token_id) if i is not None)
     rows = []
     for (t, h, w), (before, after) in zip(grids, [(3, 9), (2, 4)]):
         n_image = t * h * w // cfg.vision.merge_unit
@@ -116,21 +116,22 @@ def main(argv: list[str] | None = None) -> None:
           f"image grids {grid_thw.tolist()}, pixel_values {pixel_values.shape}")
     vision_kw = dict(pixel_values=pixel_values, image_grid_thw=grid_thw)
 
-    # 1. Full forward pass through the host-side API (eager).
-    for call in ("first", "second"):
-        logits, dt = _timed(lambda: model(input_ids, attention_mask=mask, **vision_kw))
-        print(f"full forward model(...), {call} call: logits {logits.shape} {logits.dtype} "
-              f"in {dt:.3f} s")
+    # 1. Full forward pass through the host-side API (eager; the first call traces the scans).
+    (logits, dt1), (_, dt2) = (_timed(lambda: model(input_ids, attention_mask=mask, **vision_kw))
+                               for _ in range(2))
+    print(f"full forward model(...): logits {logits.shape} {logits.dtype}; first call "
+          f"{dt1:.3f} s, second {dt2:.3f} s")
 
     # 2. Jitted prefill into a KV cache, then greedy decoding.
     max_len = prompt_len + args.new_tokens
     forward, decode = _jitted(model)
     ids, positions, pmask, vision, _ = model.prepare_inputs(input_ids, attention_mask=mask,
                                                             **vision_kw)
-    for call in ("first (compile)", "second"):
-        (logits, cache), t_prefill = _timed(forward, ids, positions, pmask, vision,
-                                            model.init_cache(2, max_len))
-        print(f"prefill (jit), {call} call: {t_prefill:.3f} s")
+    ((logits, cache), dt1), (_, dt2) = (
+        _timed(forward, ids, positions, pmask, vision, model.init_cache(2, max_len))
+        for _ in range(2))
+    print(f"prefill (jit, {max_len} cache slots): first call (compile) {dt1:.3f} s, "
+          f"second {dt2:.3f} s")
     step_logits = [logits[:, -1]]
     tokens = [jnp.argmax(logits[:, -1], axis=-1)]
     decode_times = []
@@ -145,20 +146,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"decode (jit): first step (compile) {decode_times[0]:.3f} s, then "
               f"{1e3 * np.mean(decode_times[1:]):.2f} ms/token over {len(decode_times) - 1} steps")
 
-    # 3. Consistency: cached greedy tokens == argmax of one full forward over prompt + them.
+    # 3. Consistency: the cached decode must match one full forward over prompt + generated
+    # tokens. Random weights give flat logits, so compare the logits as well as the argmax;
+    # an argmax mismatch passes only where the top two logits tie within the tolerance.
     full_ids = np.concatenate([input_ids, generated], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(generated)], axis=1)
     full = model(full_ids, attention_mask=full_mask, **vision_kw)
     full = full[:, prompt_len - 1: prompt_len - 1 + args.new_tokens]
     diff = float(jnp.max(jnp.abs(full - jnp.stack(step_logits, axis=1))))
-    expected = np.asarray(jnp.argmax(full, axis=-1))
-    # A mismatch is tolerated only where the two top logits tie up to the dtype's rounding.
-    gap = np.asarray(full.max(-1) - jnp.take_along_axis(full, generated[..., None], -1)[..., 0])
-    ties = int(np.sum(expected != generated))
-    if np.any(gap > (1e-5 if args.dtype == "float32" else 3e-2)):
-        raise RuntimeError(f"cache check FAILED: cached decode gave {generated.tolist()}, a full "
-                           f"forward gives {expected.tolist()} (max logit diff {diff:.3g})")
-    print(f"cache check: OK (max |logit diff| vs full forward {diff:.2e}"
+    tol = (1e-3 if args.dtype == "float32" else 1e-1) * float(jnp.std(full))
+    gap = full.max(-1) - jnp.take_along_axis(full, generated[..., None], -1)[..., 0]
+    ties = int(np.sum(np.asarray(jnp.argmax(full, axis=-1)) != generated))
+    if diff > tol or float(gap.max()) > tol:
+        raise RuntimeError(
+            f"cache check FAILED: max |logit diff| {diff:.3g} (tolerance {tol:.3g}); cached decode "
+            f"gave {generated.tolist()}, a full forward {np.asarray(full.argmax(-1)).tolist()}")
+    print(f"cache check: OK (max |logit diff| vs full forward {diff:.2e}, tolerance {tol:.1e}"
           + (f", {ties} near-tie(s))" if ties else ")"))
 
 

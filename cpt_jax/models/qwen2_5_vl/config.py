@@ -121,6 +121,10 @@ class Qwen2_5_VLConfig:
                  f"{source}: model_type is {model_type!r}, expected 'qwen2_5_vl'")
         text_src = dict(hf.pop("text_config", None) or {})
         text_src.pop("model_type", None)
+        # transformers 5 keeps the special token ids in text_config only.
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if key in text_src and key not in hf:
+                hf[key] = text_src.pop(key)
         # In the flat layout the text fields live at the top level.
         for key in list(hf):
             if key in _HF_TEXT_KEYS and key not in _HF_TOP_KEYS:
@@ -225,7 +229,7 @@ _HF_IGNORED_KEYS = {
 
 
 def _text_from_hf(src: dict[str, Any], source: str) -> dict[str, Any]:
-    src = dict(src)
+    src = {k: v for k, v in src.items() if k not in _HF_IGNORED_KEYS}
     _require(src.pop("hidden_act", "silu") == "silu", f"{source}: hidden_act must be 'silu'")
     _require(not src.pop("use_sliding_window", False),
              f"{source}: use_sliding_window=true is not supported")
@@ -261,7 +265,7 @@ def _text_from_hf(src: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def _vision_from_hf(src: dict[str, Any], source: str) -> dict[str, Any]:
-    src = dict(src)
+    src = {k: v for k, v in src.items() if k not in _HF_IGNORED_KEYS}
     _require(src.pop("hidden_act", "silu") == "silu", f"{source}: vision hidden_act must be 'silu'")
     src.pop("model_type", None)
     for key in ("initializer_range", "dtype", "torch_dtype", "spatial_patch_size"):

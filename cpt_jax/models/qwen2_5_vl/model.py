@@ -127,9 +127,12 @@ class Qwen2_5_VL(nnx.Module):
 
     def prepare_inputs(self, input_ids, *, attention_mask=None, pixel_values=None,
                        image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                       second_per_grid_ts=None, position_ids=None):
+                       second_per_grid_ts=None, position_ids=None, pad_patches_to=None):
         """Host-side preparation: returns (input_ids, positions [3,b,s], attention_mask,
-        VisionInputs or None, rope_deltas [b,1]) as arrays ready for `forward`."""
+        VisionInputs or None, rope_deltas [b,1]) as arrays ready for `forward`.
+
+        `pad_patches_to` pads the packed patches to a fixed count (static shapes under jit).
+        """
         cfg = self.config
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
@@ -175,7 +178,7 @@ class Qwen2_5_VL(nnx.Module):
         if pixel_parts:
             vision = VisionInputs.build(np.concatenate(pixel_parts, axis=0),
                                         np.concatenate([image_grid, video_grid], axis=0),
-                                        cfg.vision)
+                                        cfg.vision, pad_to=pad_patches_to)
         return (jnp.asarray(ids, jnp.int32), jnp.asarray(positions, jnp.int32),
                 jnp.asarray(mask), vision, np.asarray(deltas))
 

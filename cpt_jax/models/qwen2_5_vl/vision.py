@@ -38,8 +38,11 @@ class VisionInputs(NamedTuple):
     frame_segment_ids: jax.Array
 
     @classmethod
-    def build(cls, pixel_values: np.ndarray, grid_thw: np.ndarray,
-              config: VisionConfig) -> VisionInputs:
+    def build(cls, pixel_values: np.ndarray, grid_thw: np.ndarray, config: VisionConfig,
+              *, pad_to: int | None = None) -> VisionInputs:
+        """Lays out the patches of `grid_thw`; `pad_to` pads them to a fixed count so that
+        batches with different image sizes share one compiled program (padding patches form
+        their own attention segment and their features are never used)."""
         grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
         expected = int(np.prod(grid_thw, axis=-1).sum())
         if pixel_values.shape != (expected, config.patch_dim):
@@ -49,9 +52,26 @@ class VisionInputs(NamedTuple):
         layout: VisionLayout = vision_layout(
             grid_thw, spatial_merge_size=config.spatial_merge_size,
             window_size=config.window_size, patch_size=config.patch_size)
-        return cls(jnp.asarray(pixel_values), jnp.asarray(layout.window_index),
-                   jnp.asarray(layout.reverse_index), jnp.asarray(layout.rotary_positions),
-                   jnp.asarray(layout.window_segment_ids), jnp.asarray(layout.frame_segment_ids))
+        arrays = [pixel_values, layout.window_index, layout.reverse_index,
+                  layout.rotary_positions, layout.window_segment_ids, layout.frame_segment_ids]
+        if pad_to is not None and pad_to != expected:
+            arrays = _pad(arrays, expected, pad_to, config.merge_unit)
+        return cls(*(jnp.asarray(a) for a in arrays))
+
+
+def _pad(arrays: list[np.ndarray], size: int, pad_to: int, unit: int) -> list[np.ndarray]:
+    if pad_to < size or pad_to % unit:
+        raise ValueError(f"pad_to={pad_to} must be >= the number of patches ({size}) and a "
+                         f"multiple of {unit}")
+    pixels, window_index, reverse_index, rotary, window_ids, frame_ids = arrays
+    extra = pad_to - size
+    merged_pad = np.arange(size // unit, pad_to // unit, dtype=np.int32)
+    return [np.concatenate([pixels, np.zeros((extra, pixels.shape[1]), pixels.dtype)]),
+            np.concatenate([window_index, merged_pad]),
+            np.concatenate([reverse_index, merged_pad]),
+            np.concatenate([rotary, np.zeros((extra, 2), rotary.dtype)]),
+            np.concatenate([window_ids, np.full(extra, window_ids.max() + 1, np.int32)]),
+            np.concatenate([frame_ids, np.full(extra, frame_ids.max() + 1, np.int32)])]
 
 
 class VisionAttention(nnx.Module):
