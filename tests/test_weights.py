@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import tracemalloc
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from flax import nnx
 from qwen_reference import VARIANTS, hf_logits, hf_model, multimodal_batch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from cpt_jax.models.qwen2_5_vl import from_pretrained, save_pretrained
+from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, from_pretrained, preset, save_pretrained
 from cpt_jax.models.qwen2_5_vl.weights import INDEX_FILE
 
 
@@ -147,3 +149,21 @@ def test_unknown_config_field_is_named(checkpoint, tmp_path):
     _corrupt(path, tmp_path, lambda t, c: c.update({"num_hiden_layers": 3}))
     with pytest.raises(ValueError, match="num_hiden_layers"):
         from_pretrained(tmp_path)
+
+
+def test_loading_never_holds_a_second_copy_of_the_model(tmp_path):
+    """Host allocations while loading the `small` preset stay far below the model's size:
+    tensors go one at a time into the buffer of their (stacked) parameter."""
+    model = Qwen2_5_VL(preset("small"), rngs=nnx.Rngs(0))
+    sizes = [x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    save_pretrained(model, tmp_path)
+    del model
+    tracemalloc.start()
+    try:
+        from_pretrained(tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"model {sum(sizes) / 1e6:.1f} MB, largest parameter {max(sizes) / 1e6:.1f} MB, "
+          f"peak host allocation while loading {peak / 1e6:.1f} MB")
+    assert peak < 0.5 * sum(sizes)

@@ -6,7 +6,8 @@ so that the sharding rules of a later stage can map them onto a mesh without tou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,52 @@ class Dense(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) * up(x)); `axes` names the (model, hidden) axes of the kernels."""
+
+    def __init__(self, dim: int, hidden: int, *, axes: tuple[str, str], use_bias: bool,
+                 dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        model_axis, hidden_axis = axes
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Dense((dim,), (hidden,), in_axes=(model_axis,), out_axes=(hidden_axis,),
+                               **kw)
+        self.up_proj = Dense((dim,), (hidden,), in_axes=(model_axis,), out_axes=(hidden_axis,),
+                             **kw)
+        self.down_proj = Dense((hidden,), (dim,), in_axes=(hidden_axis,), out_axes=(model_axis,),
+                               **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], count: int,
+                 rngs: nnx.Rngs) -> nnx.Module:
+    """`count` independently initialised layers whose parameters are stacked on a leading
+    `layers` axis, so that `scan_layers` compiles one layer body instead of `count`."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(layer_rngs: nnx.Rngs) -> nnx.Module:
+        return make(layer_rngs)
+
+    return build(rngs)
+
+
+def scan_layers(layers: nnx.Module, step: Callable[..., tuple[jax.Array, Any]], carry: jax.Array,
+                per_layer: Any = None, *, remat: bool) -> tuple[jax.Array, Any]:
+    """Runs `step(layer, carry, per_layer_slice) -> (carry, output)` over stacked layers with
+    `lax.scan`; `remat` recomputes each layer in the backward pass instead of storing it."""
+    graphdef, state = nnx.split(layers)
+
+    def body(x, xs):
+        layer_state, extra = xs
+        return step(nnx.merge(graphdef, layer_state), x, extra)
+
+    if remat:
+        body = jax.checkpoint(body)
+    return jax.lax.scan(body, carry, (state, per_layer))
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import TextConfig
-from .layers import Dense, RMSNorm, apply_rotary, dot_product_attention, make_param
+from .layers import (Dense, RMSNorm, SwiGLU, apply_rotary, dot_product_attention, make_param,
+                     scan_layers, stack_layers)
 
 
 class KVCache(NamedTuple):
@@ -83,19 +84,6 @@ class Attention(nnx.Module):
         return self.o_proj(dot_product_attention(q, k, v, mask)), kv
 
 
-class MLP(nnx.Module):
-    def __init__(self, config: TextConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
-                 rngs: nnx.Rngs):
-        h, i = config.hidden_size, config.intermediate_size
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = Dense((h,), (i,), in_axes=("embed",), out_axes=("mlp",), **kw)
-        self.up_proj = Dense((h,), (i,), in_axes=("embed",), out_axes=("mlp",), **kw)
-        self.down_proj = Dense((i,), (h,), in_axes=("mlp",), out_axes=("embed",), **kw)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nnx.Module):
     def __init__(self, config: TextConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
                  rngs: nnx.Rngs):
@@ -103,7 +91,8 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, **norm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, axes=("embed", "mlp"),
+                          use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, kv, index):
         attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
@@ -119,13 +108,9 @@ class TextDecoder(nnx.Module):
         self.remat = remat
         self.embed_tokens = make_param(rngs, (config.vocab_size, config.hidden_size),
                                        ("vocab", "embed"), param_dtype)
-
-        @nnx.split_rngs(splits=config.num_hidden_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_layers(layer_rngs: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=layer_rngs)
-
-        self.layers = make_layers(rngs)
+        self.layers = stack_layers(
+            lambda r: DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=r),
+            config.num_hidden_layers, rngs)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, axis_name="embed",
                             param_dtype=param_dtype)
 
@@ -154,17 +139,11 @@ class TextDecoder(nnx.Module):
             query_slots = index + jnp.arange(seq)
             mask = (slots[None, :] <= query_slots[:, None])[None] & valid[:, None, :]
 
-        graphdef, state = nnx.split(self.layers)
+        def step(layer, x, kv):
+            return layer(x, cos, sin, mask, kv, index)
 
-        def body(x, layer):
-            layer_state, kv = layer
-            x, kv = nnx.merge(graphdef, layer_state)(x, cos, sin, mask, kv, index)
-            return x, kv
-
-        if self.remat:
-            body = jax.checkpoint(body)
         kv_in = None if cache is None else (cache.k, cache.v)
-        x, kv_out = jax.lax.scan(body, embeds, (state, kv_in))
+        x, kv_out = scan_layers(self.layers, step, embeds, kv_in, remat=self.remat)
         x = self.norm(x)
         if cache is not None:
             last = jnp.max(jnp.where(attention_mask, positions.max(axis=0), -1), axis=-1)

@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx
 
 from .config import VisionConfig
-from .layers import Dense, RMSNorm, apply_rotary, dot_product_attention
+from .layers import (Dense, RMSNorm, SwiGLU, apply_rotary, dot_product_attention, scan_layers,
+                     stack_layers)
 from .vision_layout import VisionLayout, vision_layout
 
 NORM_EPS = 1e-6  # fixed in transformers, not read from the config
@@ -95,19 +96,6 @@ class VisionAttention(nnx.Module):
         return self.proj(out)
 
 
-class VisionMLP(nnx.Module):
-    def __init__(self, config: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
-                 rngs: nnx.Rngs):
-        d, i = config.hidden_size, config.intermediate_size
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = Dense((d,), (i,), in_axes=("vision_embed",), out_axes=("vision_mlp",), **kw)
-        self.up_proj = Dense((d,), (i,), in_axes=("vision_embed",), out_axes=("vision_mlp",), **kw)
-        self.down_proj = Dense((i,), (d,), in_axes=("vision_mlp",), out_axes=("vision_embed",), **kw)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class VisionBlock(nnx.Module):
     def __init__(self, config: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
                  rngs: nnx.Rngs):
@@ -117,7 +105,8 @@ class VisionBlock(nnx.Module):
         self.norm2 = RMSNorm(config.hidden_size, eps=NORM_EPS, axis_name="vision_embed",
                              param_dtype=param_dtype)
         self.attn = VisionAttention(config, **kw)
-        self.mlp = VisionMLP(config, **kw)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size,
+                          axes=("vision_embed", "vision_mlp"), use_bias=True, **kw)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         x = x + self.attn(self.norm1(x), cos, sin, mask)
@@ -153,13 +142,9 @@ class VisionTower(nnx.Module):
         self.patch_embed = Dense((config.patch_dim,), (config.hidden_size,), in_axes=(None,),
                                  out_axes=("vision_embed",), use_bias=False, dtype=dtype,
                                  param_dtype=param_dtype, rngs=rngs)
-
-        @nnx.split_rngs(splits=config.depth)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(block_rngs: nnx.Rngs) -> VisionBlock:
-            return VisionBlock(config, dtype=dtype, param_dtype=param_dtype, rngs=block_rngs)
-
-        self.blocks = make_blocks(rngs)
+        self.blocks = stack_layers(
+            lambda r: VisionBlock(config, dtype=dtype, param_dtype=param_dtype, rngs=r),
+            config.depth, rngs)
         self.merger = PatchMerger(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def rotary(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -182,16 +167,11 @@ class VisionTower(nnx.Module):
         window_mask = inputs.window_segment_ids[:, None] == inputs.window_segment_ids[None, :]
         frame_mask = inputs.frame_segment_ids[:, None] == inputs.frame_segment_ids[None, :]
 
-        graphdef, state = nnx.split(self.blocks)
-
-        def body(h: jax.Array, layer: tuple) -> tuple[jax.Array, None]:
-            block_state, is_full = layer
+        def step(block, h, is_full):
             mask = jnp.where(is_full, frame_mask, window_mask)
-            return nnx.merge(graphdef, block_state)(h, cos, sin, mask), None
+            return block(h, cos, sin, mask), None
 
-        if self.remat:
-            body = jax.checkpoint(body)
         full_attention = np.isin(np.arange(self.config.depth), self.config.fullatt_block_indexes)
-        x, _ = jax.lax.scan(body, x, (state, jnp.asarray(full_attention)))
+        x, _ = scan_layers(self.blocks, step, x, jnp.asarray(full_attention), remat=self.remat)
         merged = self.merger(x)
         return merged[inputs.reverse_index]
