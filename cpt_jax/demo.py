@@ -87,51 +87,83 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--new-tokens must be at least 1")
 
     cfg = preset(args.preset)
-    model, t_init = _timed(lambda: Qwen2_5_VL(
-        cfg, dtype=jnp.dtype(args.dtype), param_dtype=jnp.float32, rngs=nnx.Rngs(args.seed)))
+    model, t_init = _timed(
+        lambda: Qwen2_5_VL(
+            cfg, dtype=jnp.dtype(args.dtype), param_dtype=jnp.float32, rngs=nnx.Rngs(args.seed)
+        )
+    )
     n_params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    print(f"preset {args.preset}: {n_params:,} parameters, RANDOM weights (use from_pretrained "
-          f"for real ones), compute dtype {args.dtype}, built in {t_init:.2f} s "
-          f"on {jax.devices()[0].platform}")
+    print(
+        f"preset {args.preset}: {n_params:,} parameters, RANDOM weights (use from_pretrained "
+        f"for real ones), compute dtype {args.dtype}, built in {t_init:.2f} s "
+        f"on {jax.devices()[0].platform}"
+    )
 
     # Two images (landscape 112x84, portrait 56x84) -> two prompts, one per image.
-    patches, grids = zip(*(_image_patches(_synthetic_image(w, h, args.seed + i))
-                           for i, (w, h) in enumerate([(112, 84), (56, 84)])))
+    images = [
+        _synthetic_image(w, h, args.seed + i) for i, (w, h) in enumerate([(112, 84), (56, 84)])
+    ]
+    patches, grids = zip(*(_image_patches(image) for image in images), strict=True)
     pixel_values, grid_thw = np.concatenate(patches), np.array(grids)
     rng = np.random.default_rng(args.seed)
-    special = min(i for i in (cfg.bos_token_id, cfg.eos_token_id, cfg.image_token_id,
-                              cfg.video_token_id, cfg.vision_start_token_id,
-                              cfg.vision_end_token_id, cfg.pad_token_id) if i is not None)
+    special = min(
+        i
+        for i in (
+            cfg.bos_token_id,
+            cfg.eos_token_id,
+            cfg.image_token_id,
+            cfg.video_token_id,
+            cfg.vision_start_token_id,
+            cfg.vision_end_token_id,
+            cfg.pad_token_id,
+        )
+        if i is not None
+    )
     rows = []
-    for (t, h, w), (before, after) in zip(grids, [(3, 9), (2, 4)]):
+    for (t, h, w), (before, after) in zip(grids, [(3, 9), (2, 4)], strict=True):
         n_image = t * h * w // cfg.vision.merge_unit
-        rows.append([*rng.integers(0, special, before), cfg.vision_start_token_id,
-                     *[cfg.image_token_id] * n_image, cfg.vision_end_token_id,
-                     *rng.integers(0, special, after)])
+        rows.append(
+            [
+                *rng.integers(0, special, before),
+                cfg.vision_start_token_id,
+                *[cfg.image_token_id] * n_image,
+                cfg.vision_end_token_id,
+                *rng.integers(0, special, after),
+            ]
+        )
     prompt_len = max(map(len, rows))
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     input_ids = np.array([[pad] * (prompt_len - len(r)) + r for r in rows], np.int32)
     mask = np.array([[0] * (prompt_len - len(r)) + [1] * len(r) for r in rows], np.int32)
-    print(f"batch: 2 prompts, lengths {[len(r) for r in rows]}, left-padded to {prompt_len}; "
-          f"image grids {grid_thw.tolist()}, pixel_values {pixel_values.shape}")
+    print(
+        f"batch: 2 prompts, lengths {[len(r) for r in rows]}, left-padded to {prompt_len}; "
+        f"image grids {grid_thw.tolist()}, pixel_values {pixel_values.shape}"
+    )
     vision_kw = dict(pixel_values=pixel_values, image_grid_thw=grid_thw)
 
     # 1. Full forward pass through the host-side API (eager; the first call traces the scans).
-    (logits, dt1), (_, dt2) = (_timed(lambda: model(input_ids, attention_mask=mask, **vision_kw))
-                               for _ in range(2))
-    print(f"full forward model(...): logits {logits.shape} {logits.dtype}; first call "
-          f"{dt1:.3f} s, second {dt2:.3f} s")
+    (logits, dt1), (_, dt2) = (
+        _timed(lambda: model(input_ids, attention_mask=mask, **vision_kw)) for _ in range(2)
+    )
+    print(
+        f"full forward model(...): logits {logits.shape} {logits.dtype}; first call "
+        f"{dt1:.3f} s, second {dt2:.3f} s"
+    )
 
     # 2. Jitted prefill into a KV cache, then greedy decoding.
     max_len = prompt_len + args.new_tokens
     forward, decode = _jitted(model)
-    ids, positions, pmask, vision, _ = model.prepare_inputs(input_ids, attention_mask=mask,
-                                                            **vision_kw)
+    ids, positions, pmask, vision, _ = model.prepare_inputs(
+        input_ids, attention_mask=mask, **vision_kw
+    )
     ((logits, cache), dt1), (_, dt2) = (
         _timed(forward, ids, positions, pmask, vision, model.init_cache(2, max_len))
-        for _ in range(2))
-    print(f"prefill (jit, {max_len} cache slots): first call (compile) {dt1:.3f} s, "
-          f"second {dt2:.3f} s")
+        for _ in range(2)
+    )
+    print(
+        f"prefill (jit, {max_len} cache slots): first call (compile) {dt1:.3f} s, "
+        f"second {dt2:.3f} s"
+    )
     step_logits = [logits[:, -1]]
     tokens = [jnp.argmax(logits[:, -1], axis=-1)]
     decode_times = []
@@ -143,8 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     generated = np.stack([np.asarray(t) for t in tokens], axis=1)
     print(f"generated token ids: {generated.tolist()}")
     if len(decode_times) > 1:
-        print(f"decode (jit): first step (compile) {decode_times[0]:.3f} s, then "
-              f"{1e3 * np.mean(decode_times[1:]):.2f} ms/token over {len(decode_times) - 1} steps")
+        print(
+            f"decode (jit): first step (compile) {decode_times[0]:.3f} s, then "
+            f"{1e3 * np.mean(decode_times[1:]):.2f} ms/token over {len(decode_times) - 1} steps"
+        )
 
     # 3. Consistency: the cached decode must match one full forward over prompt + generated
     # tokens. Random weights give flat logits, so compare the logits as well as the argmax;
@@ -152,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     full_ids = np.concatenate([input_ids, generated], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(generated)], axis=1)
     full = model(full_ids, attention_mask=full_mask, **vision_kw)
-    full = full[:, prompt_len - 1: prompt_len - 1 + args.new_tokens]
+    full = full[:, prompt_len - 1 : prompt_len - 1 + args.new_tokens]
     diff = float(jnp.max(jnp.abs(full - jnp.stack(step_logits, axis=1))))
     tol = (1e-3 if args.dtype == "float32" else 1e-1) * float(jnp.std(full))
     gap = full.max(-1) - jnp.take_along_axis(full, generated[..., None], -1)[..., 0]
@@ -160,9 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     if diff > tol or float(gap.max()) > tol:
         raise RuntimeError(
             f"cache check FAILED: max |logit diff| {diff:.3g} (tolerance {tol:.3g}); cached decode "
-            f"gave {generated.tolist()}, a full forward {np.asarray(full.argmax(-1)).tolist()}")
-    print(f"cache check: OK (max |logit diff| vs full forward {diff:.2e}, tolerance {tol:.1e}"
-          + (f", {ties} near-tie(s))" if ties else ")"))
+            f"gave {generated.tolist()}, a full forward {np.asarray(full.argmax(-1)).tolist()}"
+        )
+    print(
+        f"cache check: OK (max |logit diff| vs full forward {diff:.2e}, tolerance {tol:.1e}"
+        + (f", {ties} near-tie(s))" if ties else ")")
+    )
 
 
 if __name__ == "__main__":

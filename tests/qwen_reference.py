@@ -167,7 +167,10 @@ def hf_positions(model: transformers.Qwen2_5_VLForConditionalGeneration,
     types = torch.zeros_like(ids, dtype=torch.int32)
     types[ids == IMAGE] = 1
     types[ids == VIDEO] = 2
-    grid = (lambda g: None if g is None else torch.from_numpy(g))
+
+    def grid(g: np.ndarray | None) -> torch.Tensor | None:
+        return None if g is None else torch.from_numpy(g)
+
     positions, _ = model.model.get_rope_index(
         ids, mm_token_type_ids=types, image_grid_thw=grid(batch.image_grid_thw),
         video_grid_thw=grid(batch.video_grid_thw),

@@ -141,22 +141,43 @@ def test_nested_layout_tie_inside_text_config():
 def _assert_same_as_hf(config: Qwen2_5_VLConfig, hf: transformers.Qwen2_5_VLConfig) -> None:
     t, v = config.text, config.vision
     ht, hv = hf.text_config, hf.vision_config
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
-                  "max_position_embeddings"):
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "max_position_embeddings",
+    ):
         assert getattr(ht, field) == getattr(t, field), field
     assert ht.hidden_act == "silu" and not ht.use_sliding_window
     assert ht.rope_parameters["rope_theta"] == t.rope_theta
     assert tuple(ht.rope_parameters["mrope_section"]) == t.mrope_section
-    for field in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
-                  "in_channels", "patch_size", "temporal_patch_size", "spatial_merge_size",
-                  "window_size", "tokens_per_second"):
+    for field in (
+        "depth",
+        "hidden_size",
+        "intermediate_size",
+        "num_heads",
+        "out_hidden_size",
+        "in_channels",
+        "patch_size",
+        "temporal_patch_size",
+        "spatial_merge_size",
+        "window_size",
+        "tokens_per_second",
+    ):
         assert getattr(hv, field) == getattr(v, field), field
     assert tuple(hv.fullatt_block_indexes) == v.fullatt_block_indexes
     assert hv.rope_parameters["rope_theta"] == v.rope_theta
     assert hf.tie_word_embeddings == config.tie_word_embeddings
-    for field in ("image_token_id", "video_token_id", "vision_start_token_id",
-                  "vision_end_token_id"):
+    for field in (
+        "image_token_id",
+        "video_token_id",
+        "vision_start_token_id",
+        "vision_end_token_id",
+    ):
         assert getattr(hf, field) == getattr(config, field), field
     for field in ("bos_token_id", "eos_token_id", "pad_token_id"):  # text_config in transformers 5
         assert getattr(ht, field) == getattr(config, field), field

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from flax import nnx
-from qwen_reference import PATCH_DIM, IMAGE, VSTART, VEND, multimodal_batch, pad_left
+from qwen_reference import IMAGE, PATCH_DIM, VEND, VSTART, multimodal_batch, pad_left
 
 TOLERANCE = 1e-4
 

@@ -94,7 +94,7 @@ def test_remat_changes_the_program_not_the_gradient():
     remat, remat_jaxpr = grads(True)
     assert "remat" in remat_jaxpr or "checkpoint" in remat_jaxpr
     assert "remat" not in plain_jaxpr and "checkpoint" not in plain_jaxpr
-    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 

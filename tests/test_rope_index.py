@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
@@ -23,7 +22,11 @@ def _tiny_model(tokens_per_second: int):
             num_hidden_layers=1,
             num_attention_heads=2,
             num_key_value_heads=1,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [1, 1, 2],
+            },
         ),
         vision_config=dict(
             depth=1,
@@ -108,7 +111,9 @@ def test_one_image(model):
 
 def test_two_images_one_sample(model):
     grids = [(1, 4, 8), (1, 10, 2)]
-    ids = np.array([_text(2) + _vision(IMAGE, grids[0]) + _text(3, 1) + _vision(IMAGE, grids[1]) + _text(4, 2)])
+    ids = np.array(
+        [_text(2) + _vision(IMAGE, grids[0]) + _text(3, 1) + _vision(IMAGE, grids[1]) + _text(4, 2)]
+    )
     _compare(model, ids, image_grid=grids)
 
 
@@ -128,7 +133,13 @@ def test_video_default_seconds(model):
 def test_image_and_video_one_sample(model):
     image_grid, video_grid = (1, 4, 4), (2, 6, 4)
     ids = np.array(
-        [_text(3) + _vision(IMAGE, image_grid) + _text(2, 1) + _vision(VIDEO, video_grid) + _text(3, 2)]
+        [
+            _text(3)
+            + _vision(IMAGE, image_grid)
+            + _text(2, 1)
+            + _vision(VIDEO, video_grid)
+            + _text(3, 2)
+        ]
     )
     _compare(model, ids, image_grid=[image_grid], video_grid=[video_grid], seconds=[1.5])
 
@@ -140,7 +151,11 @@ def test_padded_batch_with_text_only_row(model, side):
     rows = [
         _text(3) + _vision(IMAGE, image_grids[0]) + _text(2, 1),
         _text(7, 2),  # text only
-        _text(1, 3) + _vision(IMAGE, image_grids[1]) + _text(1, 4) + _vision(IMAGE, image_grids[2]) + _text(9, 5),
+        _text(1, 3)
+        + _vision(IMAGE, image_grids[1])
+        + _text(1, 4)
+        + _vision(IMAGE, image_grids[2])
+        + _text(9, 5),
         _text(2, 6) + _vision(VIDEO, video_grids[0]),
     ]
     ids, mask = _batch(rows, side)
@@ -161,7 +176,9 @@ def test_no_mask_equals_all_ones_mask(model):
 
 
 def _kwargs(**overrides):
-    kwargs = dict(image_token_id=IMAGE, video_token_id=VIDEO, spatial_merge_size=MERGE, tokens_per_second=2)
+    kwargs = dict(
+        image_token_id=IMAGE, video_token_id=VIDEO, spatial_merge_size=MERGE, tokens_per_second=2
+    )
     kwargs.update(overrides)
     return kwargs
 

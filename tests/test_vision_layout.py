@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import torch  # noqa: E402
 from transformers import vision_utils  # noqa: E402
 
@@ -35,7 +34,11 @@ def _random_cases(n: int, seed: int = 0):
     cases = []
     for _ in range(n):
         entries = [
-            (int(rng.choice([1, 1, 2, 3])), 2 * int(rng.integers(1, 15)), 2 * int(rng.integers(1, 15)))
+            (
+                int(rng.choice([1, 1, 2, 3])),
+                2 * int(rng.integers(1, 15)),
+                2 * int(rng.integers(1, 15)),
+            )
             for _ in range(int(rng.integers(1, 5)))
         ]
         cases.append((entries, int(rng.choice([56, 112]))))
@@ -52,7 +55,9 @@ def _segments_from_cu(cu: np.ndarray) -> np.ndarray:
 
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.shape == b.shape and bool(np.array_equal(a[:, None] == a[None, :], b[:, None] == b[None, :]))
+    return a.shape == b.shape and bool(
+        np.array_equal(a[:, None] == a[None, :], b[:, None] == b[None, :])
+    )
 
 
 def _reference(grid: np.ndarray, window_size: int):
@@ -64,7 +69,9 @@ def _reference(grid: np.ndarray, window_size: int):
     positions = vision_utils.get_vision_position_ids(grid_t, MERGE)
     # The model permutes cos/sin (computed from these positions) in groups of UNIT rows.
     num_patches = positions.shape[0]
-    positions = positions.reshape(num_patches // UNIT, UNIT, -1)[window_index].reshape(num_patches, -1)
+    positions = positions.reshape(num_patches // UNIT, UNIT, -1)[window_index].reshape(
+        num_patches, -1
+    )
     return window_index.numpy(), cu_window.numpy(), cu_frames.numpy(), positions.numpy()
 
 
@@ -72,21 +79,34 @@ def _reference(grid: np.ndarray, window_size: int):
 def test_matches_transformers(entries, window_size):
     grid = np.array(entries)
     ref_index, ref_cu_window, ref_cu_frames, ref_positions = _reference(grid, window_size)
-    layout = vision_layout(grid, spatial_merge_size=MERGE, window_size=window_size, patch_size=PATCH)
+    layout = vision_layout(
+        grid, spatial_merge_size=MERGE, window_size=window_size, patch_size=PATCH
+    )
     num_patches = int(np.prod(grid, axis=1).sum())
 
-    for name in ("window_index", "reverse_index", "rotary_positions", "window_segment_ids", "frame_segment_ids"):
+    for name in (
+        "window_index",
+        "reverse_index",
+        "rotary_positions",
+        "window_segment_ids",
+        "frame_segment_ids",
+    ):
         assert getattr(layout, name).dtype == np.int32, name
     np.testing.assert_array_equal(layout.window_index, ref_index)
     np.testing.assert_array_equal(layout.reverse_index, np.argsort(ref_index))
-    np.testing.assert_array_equal(layout.window_index[layout.reverse_index], np.arange(num_patches // UNIT))
+    np.testing.assert_array_equal(
+        layout.window_index[layout.reverse_index], np.arange(num_patches // UNIT)
+    )
     np.testing.assert_array_equal(layout.rotary_positions, ref_positions)
 
     assert ref_cu_window[-1] == num_patches and ref_cu_frames[-1] == num_patches
     assert _same_partition(layout.window_segment_ids, _segments_from_cu(ref_cu_window))
     assert _same_partition(layout.frame_segment_ids, _segments_from_cu(ref_cu_frames))
     # Dense ids, one per non-empty segment.
-    for ids, cu in ((layout.window_segment_ids, ref_cu_window), (layout.frame_segment_ids, ref_cu_frames)):
+    for ids, cu in (
+        (layout.window_segment_ids, ref_cu_window),
+        (layout.frame_segment_ids, ref_cu_frames),
+    ):
         np.testing.assert_array_equal(np.unique(ids), np.arange(len(cu) - 1))
 
 
@@ -94,7 +114,9 @@ def test_matches_transformers(entries, window_size):
 def test_frames_unchanged_by_window_permutation(entries, window_size):
     """The window permutation stays inside each frame, so frame segments are order-independent."""
     grid = np.array(entries)
-    layout = vision_layout(grid, spatial_merge_size=MERGE, window_size=window_size, patch_size=PATCH)
+    layout = vision_layout(
+        grid, spatial_merge_size=MERGE, window_size=window_size, patch_size=PATCH
+    )
     frame_of_merged = layout.frame_segment_ids[::UNIT]
     np.testing.assert_array_equal(frame_of_merged[layout.reverse_index], frame_of_merged)
     # Every window lies inside a single frame.
@@ -104,6 +126,10 @@ def test_frames_unchanged_by_window_permutation(entries, window_size):
 
 def test_invalid_grid_raises():
     with pytest.raises(ValueError, match="multiples of 2"):
-        vision_layout(np.array([(1, 3, 4)]), spatial_merge_size=MERGE, window_size=112, patch_size=PATCH)
+        vision_layout(
+            np.array([(1, 3, 4)]), spatial_merge_size=MERGE, window_size=112, patch_size=PATCH
+        )
     with pytest.raises(ValueError, match="smaller than one merged token"):
-        vision_layout(np.array([(1, 4, 4)]), spatial_merge_size=MERGE, window_size=14, patch_size=PATCH)
+        vision_layout(
+            np.array([(1, 4, 4)]), spatial_merge_size=MERGE, window_size=14, patch_size=PATCH
+        )

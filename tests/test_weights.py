@@ -140,7 +140,8 @@ def test_checkpoint_of_another_shape_is_named(checkpoint, tmp_path):
         config["text_config"]["intermediate_size"] += 8
 
     _corrupt(path, tmp_path, other_shape)
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight has shape"):
+    with pytest.raises(ValueError,
+                       match=r"model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight has shape"):
         from_pretrained(tmp_path)
 
 

@@ -117,7 +117,7 @@ class Qwen2_5_VL(nnx.Module):
         return self.forward(ids, positions, mask, vision, cache)
 
     def decode(self, token_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Appends text tokens [batch, n] to the cache; returns (logits [batch, n, vocab], cache)."""
+        """Appends text tokens [batch, n]; returns (logits [batch, n, vocab], cache)."""
         token_ids = jnp.asarray(token_ids)
         steps = token_ids.shape[1]
         positions = cache.next_position[:, None] + jnp.arange(steps, dtype=jnp.int32)

@@ -38,7 +38,7 @@ def _runs(token_type: np.ndarray) -> list[tuple[int, int, int]]:
     boundaries = np.flatnonzero(np.diff(token_type)) + 1
     starts = np.concatenate([[0], boundaries])
     ends = np.concatenate([boundaries, [token_type.size]])
-    return [(int(token_type[s]), int(s), int(e)) for s, e in zip(starts, ends)]
+    return [(int(token_type[s]), int(s), int(e)) for s, e in zip(starts, ends, strict=True)]
 
 
 def _vision_positions(
@@ -85,7 +85,9 @@ def get_rope_index(
     else:
         mask = np.asarray(attention_mask).astype(bool)
         if mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+            raise ValueError(
+                f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}"
+            )
 
     grids = {_IMAGE: _as_grids(image_grid_thw), _VIDEO: _as_grids(video_grid_thw)}
     num_videos = len(grids[_VIDEO])
@@ -127,7 +129,8 @@ def get_rope_index(
             expected = t * (h // spatial_merge_size) * (w // spatial_merge_size)
             if length != expected:
                 raise ValueError(
-                    f"row {row}: {name} #{index} has {length} tokens at real position {start}, but its "
+                    f"row {row}: {name} #{index} has {length} tokens at real position {start}, "
+                    f"but its "
                     f"grid (t={t}, h={h}, w={w}) with spatial_merge_size={spatial_merge_size} "
                     f"needs {expected} tokens"
                 )

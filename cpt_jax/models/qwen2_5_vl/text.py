@@ -9,8 +9,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import TextConfig
-from .layers import (Dense, RMSNorm, SwiGLU, apply_rotary, dot_product_attention, make_param,
-                     scan_layers, stack_layers)
+from .layers import (
+    Dense,
+    RMSNorm,
+    SwiGLU,
+    apply_rotary,
+    dot_product_attention,
+    make_param,
+    scan_layers,
+    stack_layers,
+)
 
 
 class KVCache(NamedTuple):
@@ -45,7 +53,8 @@ def mrope_cos_sin(positions: jax.Array, config: TextConfig,
     and width position streams in turn.
     """
     half = config.head_dim // 2
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / config.head_dim))
+    exponents = jnp.arange(0, half, dtype=jnp.float32) * 2 / config.head_dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [3, b, s, half]
     stream = jnp.repeat(jnp.arange(3), jnp.asarray(config.mrope_section),
                         total_repeat_length=half)

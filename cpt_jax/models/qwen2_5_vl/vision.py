@@ -16,8 +16,15 @@ import numpy as np
 from flax import nnx
 
 from .config import VisionConfig
-from .layers import (Dense, RMSNorm, SwiGLU, apply_rotary, dot_product_attention, scan_layers,
-                     stack_layers)
+from .layers import (
+    Dense,
+    RMSNorm,
+    SwiGLU,
+    apply_rotary,
+    dot_product_attention,
+    scan_layers,
+    stack_layers,
+)
 from .vision_layout import VisionLayout, vision_layout
 
 NORM_EPS = 1e-6  # fixed in transformers, not read from the config

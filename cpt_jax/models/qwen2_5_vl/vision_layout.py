@@ -28,7 +28,9 @@ import numpy as np
 class VisionLayout:
     """Index arrays for one packed batch of images/videos (see module docstring)."""
 
-    window_index: np.ndarray  # [num_merged] int32: original merged-token index at each permuted slot
+    window_index: (
+        np.ndarray
+    )  # [num_merged] int32: original merged-token index at each permuted slot
     reverse_index: np.ndarray  # [num_merged] int32: argsort(window_index), undoes the permutation
     rotary_positions: np.ndarray  # [num_patches, 2] int32: (h, w) patch coordinates, permuted order
     window_segment_ids: np.ndarray  # [num_patches] int32: window id per patch, permuted order
@@ -49,11 +51,14 @@ def vision_layout(
         raise ValueError(f"grid_thw must have shape [n, 3] with n >= 1, got {grids.shape}")
     m = spatial_merge_size
     if np.any(grids <= 0) or np.any(grids[:, 1:] % m):
-        raise ValueError(f"grid t, h, w must be positive and h, w multiples of {m}, got {grids.tolist()}")
+        raise ValueError(
+            f"grid t, h, w must be positive and h, w multiples of {m}, got {grids.tolist()}"
+        )
     window = window_size // m // patch_size
     if window < 1:
         raise ValueError(
-            f"window_size={window_size} is smaller than one merged token ({m} x {patch_size} pixels)"
+            f"window_size={window_size} is smaller than one merged token "
+            f"({m} x {patch_size} pixels)"
         )
 
     orders, merged_h, merged_w, window_ids, frame_ids = [], [], [], [], []
@@ -62,7 +67,10 @@ def vision_layout(
         lh, lw = h // m, w // m
         nh, nw = -(-lh // window), -(-lw // window)
         # Merged-token coordinates in original (frame, row, col) order.
-        ti, hi, wi = (a.ravel() for a in np.meshgrid(np.arange(t), np.arange(lh), np.arange(lw), indexing="ij"))
+        ti, hi, wi = (
+            a.ravel()
+            for a in np.meshgrid(np.arange(t), np.arange(lh), np.arange(lw), indexing="ij")
+        )
         window_id = (ti * nh + hi // window) * nw + wi // window
         # Sort key: window first, then row-major inside the window.
         key = (window_id * window + hi % window) * window + wi % window

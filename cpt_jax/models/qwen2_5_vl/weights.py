@@ -207,7 +207,7 @@ def save_pretrained(model: Qwen2_5_VL, path: str | Path, *, max_shard_bytes: int
     else:
         total_names = len(names)
         final = [f"model-{i + 1:05d}-of-{total_names:05d}.safetensors" for i in range(total_names)]
-        for old, new in zip(names, final):
+        for old, new in zip(names, final, strict=True):
             (path / old).rename(path / new)
         index = {"metadata": {"total_size": total},
                  "weight_map": {k: final[i] for k, i in weight_map.items()}}
@@ -237,7 +237,8 @@ def _checkpoint_index(path: Path) -> dict[str, Path]:
         with safe_open(str(file), framework="numpy") as f:
             for key in f.keys():
                 if key in out:
-                    raise ValueError(f"{path}: key {key!r} is in both {out[key].name} and {file.name}")
+                    raise ValueError(
+                        f"{path}: key {key!r} is in both {out[key].name} and {file.name}")
                 out[key] = file
     return out
 
@@ -266,7 +267,8 @@ def _to_param_layout(tensor: np.ndarray, spec: KeySpec, shape: tuple[int, ...]) 
     return tensor.reshape(shape)
 
 
-def _to_checkpoint_layout(value: np.ndarray, spec: KeySpec, expected: tuple[int, ...]) -> np.ndarray:
+def _to_checkpoint_layout(value: np.ndarray, spec: KeySpec,
+                          expected: tuple[int, ...]) -> np.ndarray:
     if spec.layout in ("linear", "patch"):
         return np.ascontiguousarray(value.reshape(-1, expected[0]).T.reshape(expected))
     if spec.layout == "transpose":
