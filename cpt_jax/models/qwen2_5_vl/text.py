@@ -45,6 +45,19 @@ class KVCache(NamedTuple):
                    jnp.zeros((batch,), jnp.int32))
 
 
+class CacheSlot(NamedTuple):
+    """The whole stacked cache as it passes through one layer, and where that layer writes.
+
+    Carrying the stacked arrays through the layer scan and writing only the new tokens keeps
+    the update in place, instead of rebuilding the cache from per-layer outputs every step.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array
+    index: jax.Array
+
+
 def mrope_cos_sin(positions: jax.Array, config: TextConfig,
                   dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
     """cos/sin [batch, seq, 1, head_dim] from 3-D positions [3, batch, seq].
@@ -78,19 +91,17 @@ class Attention(nnx.Module):
                             out_axes=("embed",), use_bias=False, **kw)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+                 slot: CacheSlot | None) -> tuple[jax.Array, CacheSlot | None]:
         q = apply_rotary(self.q_proj(x), cos, sin)
         k = apply_rotary(self.k_proj(x), cos, sin)
         v = self.v_proj(x)
-        if kv is not None:
-            k_cache, v_cache = kv
-            start = (0, index, 0, 0)
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-            kv = (k, v)
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
-        return self.o_proj(dot_product_attention(q, k, v, mask)), kv
+        if slot is not None:
+            start = (slot.layer, 0, slot.index, 0, 0)
+            all_k = jax.lax.dynamic_update_slice(slot.k, k[None].astype(slot.k.dtype), start)
+            all_v = jax.lax.dynamic_update_slice(slot.v, v[None].astype(slot.v.dtype), start)
+            slot = slot._replace(k=all_k, v=all_v)
+            k, v = all_k[slot.layer].astype(q.dtype), all_v[slot.layer].astype(q.dtype)
+        return self.o_proj(dot_product_attention(q, k, v, mask)), slot
 
 
 class DecoderLayer(nnx.Module):
@@ -103,10 +114,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, axes=("embed", "mlp"),
                           use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv, index):
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 slot: CacheSlot | None) -> tuple[jax.Array, CacheSlot | None]:
+        attn, slot = self.self_attn(self.input_layernorm(x), cos, sin, mask, slot)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + self.mlp(self.post_attention_layernorm(x)), slot
 
 
 class TextDecoder(nnx.Module):
@@ -140,22 +152,26 @@ class TextDecoder(nnx.Module):
         if cache is None:
             causal = jnp.tril(jnp.ones((seq, seq), bool))
             mask = causal[None] & attention_mask[:, None, :]
-            index = None
-        else:
-            index = cache.index
-            valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
-            slots = jnp.arange(valid.shape[1])
-            query_slots = index + jnp.arange(seq)
-            mask = (slots[None, :] <= query_slots[:, None])[None] & valid[:, None, :]
 
-        def step(layer, x, kv):
-            return layer(x, cos, sin, mask, kv, index)
+            def step(layer, x, _):
+                return layer(x, cos, sin, mask, None)[0], None
 
-        kv_in = None if cache is None else (cache.k, cache.v)
-        x, kv_out = scan_layers(self.layers, step, embeds, kv_in, remat=self.remat)
-        x = self.norm(x)
-        if cache is not None:
-            last = jnp.max(jnp.where(attention_mask, positions.max(axis=0), -1), axis=-1)
-            cache = KVCache(kv_out[0], kv_out[1], valid, index + seq,
-                            jnp.maximum(last + 1, cache.next_position))
-        return x, cache
+            x, _ = scan_layers(self.layers, step, embeds, remat=self.remat)
+            return self.norm(x), None
+
+        index = cache.index
+        valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
+        slots = jnp.arange(valid.shape[1])
+        mask = (slots[None, :] <= index + jnp.arange(seq)[:, None])[None] & valid[:, None, :]
+
+        def cached_step(layer, carry, layer_index):
+            x, k, v = carry
+            x, slot = layer(x, cos, sin, mask, CacheSlot(k, v, layer_index, index))
+            return (x, slot.k, slot.v), None
+
+        layer_indices = jnp.arange(self.config.num_hidden_layers)
+        (x, k, v), _ = scan_layers(self.layers, cached_step, (embeds, cache.k, cache.v),
+                                   layer_indices, remat=self.remat)
+        last = jnp.max(jnp.where(attention_mask, positions.max(axis=0), -1), axis=-1)
+        cache = KVCache(k, v, valid, index + seq, jnp.maximum(last + 1, cache.next_position))
+        return self.norm(x), cache

@@ -92,15 +92,60 @@ class VisionAttention(nnx.Module):
         self.proj = Dense((heads, head_dim), (config.hidden_size,),
                           in_axes=("vision_heads", "head_dim"), out_axes=("vision_embed",),
                           use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.window_tokens = (config.window_size // config.patch_size) ** 2
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: Segments,
+                 full: jax.Array) -> jax.Array:
+        """`full` (a traced bool) picks attention within each frame over attention within each
+        window; only the chosen kind runs."""
         qkv = self.qkv(x)  # [n, 3, heads, head_dim]
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         # The 2-D rotary runs in fp32 whatever the compute dtype.
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(x.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(x.dtype)
-        out = dot_product_attention(q[None], k[None], v[None], mask[None])[0]
+        out = jax.lax.cond(
+            full,
+            lambda: segment_attention(q, k, v, segments.frames),
+            lambda: local_segment_attention(q, k, v, segments.windows, self.window_tokens))
         return self.proj(out)
+
+
+class Segments(NamedTuple):
+    """Attention segment ids per token (window order): windows and frames."""
+
+    windows: jax.Array
+    frames: jax.Array
+
+
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array) -> jax.Array:
+    """Attention between tokens of equal segment id, over the whole packed sequence."""
+    mask = ids[:, None] == ids[None, :]
+    return dot_product_attention(q[None], k[None], v[None], mask[None])[0]
+
+
+def local_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array,
+                            chunk: int) -> jax.Array:
+    """`segment_attention` for contiguous segments of at most `chunk` tokens (the windows).
+
+    The sequence is cut into chunks of `chunk` tokens; a segment then lies in at most two
+    neighbouring chunks, so each query chunk only needs its own and the two adjacent key
+    chunks: cost n x 3*chunk instead of n x n, with the same result.
+    """
+    n = q.shape[0]
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    q, k, v = (jnp.pad(t, ((0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+    ids = jnp.pad(ids, (0, pad), constant_values=-1)
+
+    def with_neighbours(t: jax.Array, fill: int) -> jax.Array:
+        t = t.reshape(n_chunks, chunk, *t.shape[1:])
+        t = jnp.pad(t, ((1, 1),) + ((0, 0),) * (t.ndim - 1), constant_values=fill)
+        return jnp.concatenate([t[:-2], t[1:-1], t[2:]], axis=1)
+
+    mask = ids.reshape(n_chunks, chunk)[:, :, None] == with_neighbours(ids, -2)[:, None, :]
+    out = dot_product_attention(q.reshape(n_chunks, chunk, *q.shape[1:]),
+                                with_neighbours(k, 0), with_neighbours(v, 0), mask)
+    return out.reshape(n_chunks * chunk, *out.shape[2:])[:n]
 
 
 class VisionBlock(nnx.Module):
@@ -115,8 +160,9 @@ class VisionBlock(nnx.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size,
                           axes=("vision_embed", "vision_mlp"), use_bias=True, **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: Segments,
+                 full: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x), cos, sin, segments, full)
         return x + self.mlp(self.norm2(x))
 
 
@@ -171,12 +217,10 @@ class VisionTower(nnx.Module):
         n, d = x.shape
         x = x.reshape(n // unit, unit, d)[inputs.window_index].reshape(n, d)
         cos, sin = self.rotary(inputs.rotary_positions)
-        window_mask = inputs.window_segment_ids[:, None] == inputs.window_segment_ids[None, :]
-        frame_mask = inputs.frame_segment_ids[:, None] == inputs.frame_segment_ids[None, :]
+        segments = Segments(inputs.window_segment_ids, inputs.frame_segment_ids)
 
         def step(block, h, is_full):
-            mask = jnp.where(is_full, frame_mask, window_mask)
-            return block(h, cos, sin, mask), None
+            return block(h, cos, sin, segments, is_full), None
 
         full_attention = np.isin(np.arange(self.config.depth), self.config.fullatt_block_indexes)
         x, _ = scan_layers(self.blocks, step, x, jnp.asarray(full_attention), remat=self.remat)
