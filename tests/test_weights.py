@@ -153,18 +153,23 @@ def test_unknown_config_field_is_named(checkpoint, tmp_path):
 
 
 def test_loading_never_holds_a_second_copy_of_the_model(tmp_path):
-    """Host allocations while loading the `small` preset stay far below the model's size:
-    tensors go one at a time into the buffer of their (stacked) parameter."""
+    """Host allocations while loading the `small` preset, beyond what the loaded model keeps,
+    stay far below the model's size: tensors go one at a time into the buffer of their
+    (stacked) parameter. (On the CPU backend a parameter may keep its NumPy buffer as its
+    storage, so what stays allocated at the end is the model, not overhead.)"""
     model = Qwen2_5_VL(preset("small"), rngs=nnx.Rngs(0))
     sizes = [x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
     save_pretrained(model, tmp_path)
     del model
     tracemalloc.start()
     try:
-        from_pretrained(tmp_path)
-        _, peak = tracemalloc.get_traced_memory()
+        loaded = from_pretrained(tmp_path)
+        kept, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
+    del loaded
+    overhead = peak - kept
     print(f"model {sum(sizes) / 1e6:.1f} MB, largest parameter {max(sizes) / 1e6:.1f} MB, "
-          f"peak host allocation while loading {peak / 1e6:.1f} MB")
-    assert peak < 0.5 * sum(sizes)
+          f"peak host allocation while loading {peak / 1e6:.1f} MB, of which kept by the "
+          f"model {kept / 1e6:.1f} MB")
+    assert overhead < 0.5 * sum(sizes)
