@@ -1,0 +1,583 @@
+"""An offline synthetic benchmark: seven small visual tasks, one per paper stage, plus two
+held-out general tasks, generated procedurally so tests and demos need no download.
+
+    python -m cpt_jax.data.synthetic --out DIR [--train 2000] [--test 200] [--seed 0]
+                                     [--sheet contact_sheet.png]
+
+Rows have the schema of the paper's data (one parquet file per task and split): `problem`
+(text with one `<image>` placeholder, none for text-only rows), `answer` (text) and `images`
+(a list of PNG bytes). Each task is the small analogue of one paper task:
+
+| task | analogue | answer |
+|---|---|---|
+| syn_choice | ScienceQA | option letter A-D |
+| syn_ocr | TextVQA (prompt carries OCR tokens) | word |
+| syn_unanswerable | VizWiz | colour, or "unanswerable" |
+| syn_spatial | GQA | shape name, or "above" / "below" |
+| syn_geometry | Geometry3K | integer |
+| syn_texture | PathVQA | yes / no |
+| syn_count | Super-CLEVR | integer |
+| syn_general_pope | POPE (held out) | yes / no |
+| syn_general_arith | MMLU-Pro (held out, text only) | option letter A-D |
+
+Images are small on purpose: both sides are multiples of 28 between 56 and 112 px, so the
+Qwen2.5-VL processor run with `min_pixels=SYNTHETIC_MIN_PIXELS` and
+`max_pixels=SYNTHETIC_MAX_PIXELS` keeps them at their size and yields 4 to 16 merged image
+tokens per image. Text is drawn with Pillow's built-in bitmap font scaled by whole numbers and
+shapes without anti-aliasing, so every pixel is an exact colour, the same on every machine
+(the split hash reads pixels, not PNG bytes, for the same reason).
+
+Every row is drawn from its own generator seeded by (task, split, seed, index), so a run is
+deterministic and `generate(num=10)` is a prefix of `generate(num=100)`. Train and test never
+share a (problem, image) pair: a row belongs to the split given by one bit of a hash of its
+problem and pixels, and a row drawn for the other split is drawn again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import textwrap
+import zlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont
+
+SYNTHETIC_MIN_PIXELS = 56 * 56
+SYNTHETIC_MAX_PIXELS = 112 * 112
+
+SYNTHETIC_STAGES = (
+    "syn_choice",
+    "syn_ocr",
+    "syn_unanswerable",
+    "syn_spatial",
+    "syn_geometry",
+    "syn_texture",
+    "syn_count",
+)
+SYNTHETIC_GENERAL = ("syn_general_pope", "syn_general_arith")
+SPLITS = ("train", "test")
+
+RGB = tuple[int, int, int]
+COLOURS: dict[str, RGB] = {
+    "red": (220, 30, 30),
+    "green": (30, 150, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 200, 0),
+    "purple": (140, 50, 180),
+    "orange": (250, 120, 20),
+}
+SHAPES = ("circle", "square", "triangle", "star", "diamond")
+# Light backgrounds, none of them a palette colour, so objects stand out by exact colour.
+BACKGROUNDS = (
+    (255, 255, 255),
+    (236, 236, 236),
+    (248, 242, 226),
+    (226, 236, 248),
+    (232, 246, 230),
+    (246, 232, 240),
+)
+INKS = ((0, 0, 0), (40, 40, 90), (90, 20, 20), (20, 70, 30))
+WORDS = (
+    "apple", "bank", "bird", "boat", "book", "bread", "bus", "cake", "car", "cat",
+    "chair", "clock", "cloud", "cup", "dog", "door", "exit", "fire", "fish", "food",
+    "gold", "hat", "home", "house", "key", "king", "lamp", "leaf", "light", "map",
+    "milk", "moon", "music", "open", "park", "pen", "rain", "road", "salt", "sand",
+    "shop", "snow", "stop", "sun", "tea", "train", "tree", "water", "wind", "zoo",
+)  # fmt: skip
+TEXTURES = {"striped": "stripes", "dotted": "dots", "checkered": "checks", "plain": "plain"}
+_COLOUR_NAMES = tuple(COLOURS)
+LETTERS = "ABCD"
+CELL = 28  # objects sit one per 28 px grid cell, so they never touch
+_SIDES = (56, 84, 112)
+_CHOICE_SUFFIX = "Answer with the option's letter."
+
+Draft = tuple[str, str, Image.Image | None]  # problem without the placeholder, answer, image
+
+
+@dataclass(frozen=True)
+class _Obj:
+    """One drawn shape: its name, colour name, top-left corner and side in pixels."""
+
+    shape: str
+    colour: str
+    x: int
+    y: int
+    size: int
+
+
+# --------------------------------------------------------------------------- drawing helpers
+
+
+def _pick(rng: np.random.Generator, items: Sequence, k: int | None = None) -> Any:
+    """One item (k None) or k distinct items, as plain Python values."""
+    if k is None:
+        return items[int(rng.integers(len(items)))]
+    return [items[int(i)] for i in rng.choice(len(items), size=k, replace=False)]
+
+
+def _canvas(
+    rng: np.random.Generator, widths: Sequence[int] = _SIDES, heights: Sequence[int] = _SIDES
+) -> Image.Image:
+    """A blank image of a random allowed size on a random light background."""
+    size = (_pick(rng, widths), _pick(rng, heights))
+    return Image.new("RGB", size, _pick(rng, BACKGROUNDS))
+
+
+def _place(
+    rng: np.random.Generator,
+    image: Image.Image,
+    shapes: Sequence[str],
+    colours: Sequence[str],
+    *,
+    distinct: str = "",
+) -> list[_Obj]:
+    """Put one object per shape in distinct grid cells (distinct columns or rows if asked)."""
+    cols, rows = image.width // CELL, image.height // CELL
+    n = len(shapes)
+    if distinct == "cols":
+        cells = [(c, int(rng.integers(rows))) for c in _pick(rng, range(cols), n)]
+    elif distinct == "rows":
+        cells = [(int(rng.integers(cols)), r) for r in _pick(rng, range(rows), n)]
+    else:
+        cells = [divmod(i, rows) for i in _pick(rng, range(cols * rows), n)]
+    objs = []
+    for (c, r), shape, colour in zip(cells, shapes, colours, strict=True):
+        size = int(rng.integers(16, 25))
+        x = c * CELL + int(rng.integers(2, CELL - size - 1))
+        y = r * CELL + int(rng.integers(2, CELL - size - 1))
+        objs.append(_Obj(shape, colour, x, y, size))
+    draw = ImageDraw.Draw(image)
+    for obj in objs:
+        _draw_shape(draw, obj)
+    return objs
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: _Obj) -> None:
+    """Fill one shape inside its size x size box, without anti-aliasing."""
+    x, y, s, fill = obj.x, obj.y, obj.size, COLOURS[obj.colour]
+    x1, y1, cx, cy = x + s - 1, y + s - 1, x + (s - 1) / 2, y + (s - 1) / 2
+    if obj.shape == "circle":
+        draw.ellipse((x, y, x1, y1), fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle((x + 1, y + 1, x1 - 1, y1 - 1), fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([(cx, y), (x1, y1), (x, y1)], fill=fill)
+    elif obj.shape == "diamond":
+        draw.polygon([(cx, y), (x1, cy), (cx, y1), (x, cy)], fill=fill)
+    else:  # star: ten points alternating between the outer and an inner radius
+        angles = -np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2, 0.42, 1.0) * (s - 1) / 2
+        cy = y + (s - 1) * 0.55  # the star's box is lower than it is wide: centre it
+        xs, ys = cx + radii * np.cos(angles), cy + radii * np.sin(angles)
+        draw.polygon(list(zip(xs, ys, strict=True)), fill=fill)
+
+
+@cache
+def _glyphs(text: str, scale: int) -> Image.Image:
+    """A binary mask of `text` in Pillow's bitmap font, scaled up by a whole factor."""
+    font = ImageFont.load_default_imagefont()
+    left, top, right, bottom = font.getbbox(text)
+    mask = Image.new("1", (right - left, bottom - top))
+    ImageDraw.Draw(mask).text((-left, -top), text, fill=1, font=font)
+    mask = mask.crop(mask.getbbox())  # tight box, so placement arithmetic is exact
+    return mask.resize((mask.width * scale, mask.height * scale), Image.Resampling.NEAREST)
+
+
+def _write(
+    image: Image.Image, text: str, xy: tuple[float, float], ink: RGB, scale: int = 2
+) -> None:
+    """Stamp `text` with its top-left corner at xy, clamped into the image."""
+    mask = _glyphs(text, scale)
+    x = int(min(max(xy[0], 1), image.width - mask.width - 1))
+    y = int(min(max(xy[1], 1), image.height - mask.height - 1))
+    image.paste(ink, (x, y, x + mask.width, y + mask.height), mask)
+
+
+def _options(
+    rng: np.random.Generator, correct: str, pool: Sequence[str], letter: int
+) -> tuple[str, str]:
+    """Four options with `correct` at position `letter`, the rest drawn from `pool`."""
+    others = _pick(rng, [p for p in pool if p != correct], 3)
+    options = others[:letter] + [correct] + others[letter:]
+    text = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+    return f"{text}\n{_CHOICE_SUFFIX}", LETTERS[letter]
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def _choice(rng: np.random.Generator, index: int) -> Draft:
+    """ScienceQA analogue: four lettered options about the scene; letters balanced by index."""
+    letter, kind = index % 4, int(rng.integers(4))
+    image = _canvas(rng)
+    if kind == 0:  # one shape type, possibly several copies
+        shape = _pick(rng, SHAPES)
+        n = int(rng.integers(1, 4))
+        _place(rng, image, [shape] * n, [_pick(rng, _COLOUR_NAMES) for _ in range(n)])
+        options, answer = _options(rng, shape, SHAPES, letter)
+        return f"Which shape is in the image?\n{options}", answer, image
+    if kind == 1:  # colour of a named shape among distinct shapes
+        n = int(rng.integers(1, 5))
+        objs = _place(rng, image, _pick(rng, SHAPES, n), _pick(rng, _COLOUR_NAMES, n))
+        asked = objs[0]
+        options, answer = _options(rng, asked.colour, _COLOUR_NAMES, letter)
+        return f"What colour is the {asked.shape}?\n{options}", answer, image
+    if kind == 2:  # how many shapes: options 1..4 in order, so the count is letter + 1
+        n = letter + 1
+        _place(rng, image, [_pick(rng, SHAPES) for _ in range(n)], _pick(rng, _COLOUR_NAMES, n))
+        text = "\n".join(f"{LETTERS[i]}. {i + 1}" for i in range(4))
+        question = f"How many shapes are in the image?\n{text}\n{_CHOICE_SUFFIX}"
+        return question, LETTERS[letter], image
+    n = int(rng.integers(2, 5))  # which shape has a colour: the others in the scene are options
+    objs = _place(rng, image, _pick(rng, SHAPES, n), _pick(rng, _COLOUR_NAMES, n))
+    asked = objs[0]
+    present = [o.shape for o in objs[1:]]
+    pool = present + _pick(rng, [s for s in SHAPES if s != asked.shape and s not in present], 4 - n)
+    options, answer = _options(rng, asked.shape, pool, letter)
+    return f"Which shape is {asked.colour}?\n{options}", answer, image
+
+
+def _ocr(rng: np.random.Generator, index: int) -> Draft:
+    """TextVQA analogue: read a word; the prompt lists it among two distractor OCR tokens."""
+    image = _canvas(rng, widths=(84, 112), heights=(56, 84))
+    word = _pick(rng, WORDS)
+    text = word.upper() if rng.random() < 0.3 else word
+    scale = 3 if _glyphs(text, 3).width <= image.width - 8 and rng.random() < 0.5 else 2
+    mask = _glyphs(text, scale)
+    x = int(rng.integers(2, image.width - mask.width - 1))
+    y = int(rng.integers(2, image.height - mask.height - 1))
+    if rng.random() < 0.5:  # a sign board behind the word
+        pad = 3
+        ImageDraw.Draw(image).rectangle(
+            (x - pad, y - pad, x + mask.width + pad, y + mask.height + pad),
+            outline=_pick(rng, INKS),
+            width=1,
+        )
+    _write(image, text, (x, y), _pick(rng, INKS), scale)
+    tokens = [word, *_pick(rng, [w for w in WORDS if w != word], 2)]
+    tokens = _pick(rng, tokens, 3)
+    return f"What word is written in the image?\nReading: {' '.join(tokens)}", word, image
+
+
+def _unanswerable(rng: np.random.Generator, index: int) -> Draft:
+    """VizWiz analogue: the colour of a named shape, which is absent in about 30% of rows."""
+    image = _canvas(rng)
+    n = int(rng.integers(1, 4))
+    shapes = _pick(rng, SHAPES, n + 1)  # the last one stays out of the scene
+    objs = _place(rng, image, shapes[:n], [_pick(rng, _COLOUR_NAMES) for _ in range(n)])
+    if rng.random() < 0.3:
+        return f"What colour is the {shapes[n]}?", "unanswerable", image
+    asked = _pick(rng, objs)
+    return f"What colour is the {asked.shape}?", asked.colour, image
+
+
+def _spatial(rng: np.random.Generator, index: int) -> Draft:
+    """GQA analogue: which shape is left/right of another, or is one above or below another."""
+    n = int(rng.integers(2, 4))
+    shapes, colours = _pick(rng, SHAPES, n), _pick(rng, _COLOUR_NAMES, n)
+    if rng.random() < 0.5:
+        image = _canvas(rng, widths=(84, 112))
+        objs = sorted(_place(rng, image, shapes, colours, distinct="cols"), key=lambda o: o.x)
+        if rng.random() < 0.5:  # the second from the left has exactly one shape to its left
+            ref, answer = objs[1], objs[0].shape
+            side = "left"
+        else:
+            ref, answer = objs[-2], objs[-1].shape
+            side = "right"
+        return f"What shape is to the {side} of the {ref.colour} {ref.shape}?", answer, image
+    image = _canvas(rng, heights=_SIDES[n - 2 :])  # one row per object
+    objs = _place(rng, image, shapes, colours, distinct="rows")
+    a, b = objs[0], objs[1]
+    answer = "above" if a.y < b.y else "below"
+    question = f"Is the {a.colour} {a.shape} above or below the {b.colour} {b.shape}?"
+    return question, answer, image
+
+
+_TRIPLES = [
+    (k * a, k * b, k * c)
+    for a, b, c in ((3, 4, 5), (5, 12, 13), (8, 15, 17), (7, 24, 25), (20, 21, 29), (9, 40, 41))
+    for k in range(1, 11)
+    if k * c <= 50
+]
+
+
+def _geometry(rng: np.random.Generator, index: int) -> Draft:
+    """Geometry3K analogue: area, perimeter or hypotenuse from a labelled diagram."""
+    image = Image.new("RGB", (112, 112), _pick(rng, BACKGROUNDS))
+    draw = ImageDraw.Draw(image)
+    ink, label_ink = _pick(rng, INKS), _pick(rng, INKS)
+    band, edge, span = 28, 6, 112 - 28 - 6  # label band on two sides, a margin on the others
+    if rng.random() < 0.5:
+        w, h = (int(v) for v in rng.integers(2, 21, size=2))
+        k = span / max(w, h)
+        pw, ph = max(24, round(w * k)), max(24, round(h * k))
+        top, left = rng.random() < 0.5, rng.random() < 0.5
+        x0 = (band if left else edge) + int(rng.integers(0, span - pw + 1))
+        y0 = (band if top else edge) + int(rng.integers(0, span - ph + 1))
+        draw.rectangle((x0, y0, x0 + pw, y0 + ph), outline=ink, width=2)
+        _label(image, str(w), (x0 + pw / 2, y0 - 13 if top else y0 + ph + 13), label_ink)
+        _label(image, str(h), (x0 - 14 if left else x0 + pw + 14, y0 + ph / 2), label_ink)
+        if rng.random() < 0.5:
+            return "What is the area of the rectangle?", str(w * h), image
+        return "What is the perimeter of the rectangle?", str(2 * (w + h)), image
+    a, b, c = _pick(rng, _TRIPLES)
+    if rng.random() < 0.5:
+        a, b = b, a
+    k = span / max(a, b)
+    pv, pb = max(24, round(a * k)), max(24, round(b * k))  # vertical and horizontal legs
+    left = rng.random() < 0.5  # right angle at the bottom left (else bottom right)
+    x0 = (band if left else edge) + int(rng.integers(0, span - pb + 1))
+    y0 = edge + int(rng.integers(0, span - pv + 1))
+    corner = (x0 if left else x0 + pb, y0 + pv)
+    apex = (corner[0], y0)
+    foot = (x0 + pb if left else x0, corner[1])
+    draw.polygon([corner, apex, foot], outline=ink, width=2)
+    sign = 1 if left else -1
+    inner = corner[0] + sign * 6  # the right-angle mark
+    mark = (min(corner[0], inner), corner[1] - 6, max(corner[0], inner), corner[1])
+    draw.rectangle(mark, outline=ink)
+    _label(image, str(a), (corner[0] - sign * 14, y0 + pv / 2), label_ink)
+    _label(image, str(b), (x0 + pb / 2, corner[1] + 13), label_ink)
+    kind = int(rng.integers(3))
+    if kind != 2 and (kind == 1 or rng.random() < 0.5):  # the hypotenuse, outside the triangle
+        norm = np.hypot(pb, pv)
+        mx, my = (apex[0] + foot[0]) / 2, (apex[1] + foot[1]) / 2
+        _label(image, str(c), (mx + sign * 18 * pv / norm, my - 18 * pb / norm), label_ink)
+    if kind == 0:
+        return "What is the area of the right triangle?", str(a * b // 2), image
+    if kind == 1:
+        return "What is the perimeter of the right triangle?", str(a + b + c), image
+    return "What is the length of the hypotenuse of the right triangle?", str(c), image
+
+
+def _label(image: Image.Image, text: str, centre: tuple[float, float], ink: RGB) -> None:
+    """Write a side-length label centred on a point."""
+    mask = _glyphs(text, 2)
+    _write(image, text, (centre[0] - mask.width / 2, centre[1] - mask.height / 2), ink)
+
+
+def _texture(rng: np.random.Generator, index: int) -> Draft:
+    """PathVQA analogue: is the tile striped / dotted / checkered / plain; yes on even index."""
+    width, height = _pick(rng, _SIDES), _pick(rng, _SIDES)
+    asked = _pick(rng, list(TEXTURES))
+    actual = asked if index % 2 == 0 else _pick(rng, [t for t in TEXTURES if t != asked])
+    yy, xx = np.indices((height, width))
+    kind = TEXTURES[actual]
+    if kind == "stripes":
+        half = int(rng.integers(2, 7))
+        along = yy if rng.random() < 0.5 else xx
+        mask = (along + int(rng.integers(2 * half))) // half % 2 == 0
+    elif kind == "checks":
+        side = int(rng.integers(4, 15))
+        mask = ((yy + int(rng.integers(side))) // side + (xx + int(rng.integers(side))) // side) % 2
+        mask = mask == 0
+    elif kind == "dots":
+        gap = int(rng.integers(8, 15))
+        radius = rng.uniform(1.5, gap / 4)
+        dy, dx = (yy + int(rng.integers(gap))) % gap, (xx + int(rng.integers(gap))) % gap
+        mask = (dy - gap / 2) ** 2 + (dx - gap / 2) ** 2 <= radius**2
+    else:
+        mask = np.zeros((height, width), bool)
+    fg = np.array(_pick(rng, [*COLOURS.values(), *INKS]), np.uint8)
+    bg = np.array(_pick(rng, BACKGROUNDS), np.uint8)
+    if kind == "plain" and rng.random() < 0.5:  # plain tiles in either tone
+        bg = fg
+    pixels = np.where(mask[..., None], fg, bg).astype(np.uint8)
+    question = f"Is the texture {asked}?"
+    return question, "yes" if actual == asked else "no", Image.fromarray(pixels)
+
+
+def _count(rng: np.random.Generator, index: int) -> Draft:
+    """Super-CLEVR analogue: count objects of a colour (zero included) or all objects."""
+    image = _canvas(rng, widths=(84, 112), heights=(84, 112))
+    if rng.random() < 0.25:
+        n = int(rng.integers(1, 7))
+        colours = [_pick(rng, _COLOUR_NAMES) for _ in range(n)]
+        _place(rng, image, [_pick(rng, SHAPES) for _ in range(n)], colours)
+        return "How many objects are there?", str(n), image
+    colour = _pick(rng, _COLOUR_NAMES)
+    target = int(rng.integers(0, 5))
+    others = int(rng.integers(max(0, 1 - target), 7 - target))
+    colours = [colour] * target + [
+        _pick(rng, [c for c in COLOURS if c != colour]) for _ in range(others)
+    ]
+    _place(rng, image, [_pick(rng, SHAPES) for _ in colours], colours)
+    return f"How many {colour} objects are there?", str(target), image
+
+
+def _pope(rng: np.random.Generator, index: int) -> Draft:
+    """POPE analogue (held out): is a shape present; yes on even index."""
+    image = _canvas(rng)
+    n = int(rng.integers(1, 5))
+    shapes = [_pick(rng, SHAPES) for _ in range(n)]
+    _place(rng, image, shapes, [_pick(rng, _COLOUR_NAMES) for _ in range(n)])
+    present = index % 2 == 0
+    asked = _pick(rng, shapes) if present else _pick(rng, [s for s in SHAPES if s not in shapes])
+    return f"Is there a {asked} in the image?", "yes" if present else "no", image
+
+
+def _arith(rng: np.random.Generator, index: int) -> Draft:
+    """MMLU-Pro analogue (held out, text only): arithmetic with four lettered options."""
+    op = _pick(rng, ("plus", "minus", "times"))
+    if op == "times":
+        a, b = int(rng.integers(2, 13)), int(rng.integers(2, 21))
+        value, near = a * b, [a, b, 1, 2, 10]
+    else:
+        a, b = sorted(int(v) for v in rng.integers(2, 100, size=2))[::-1]
+        value, near = (a + b, [1, 2, 10]) if op == "plus" else (a - b, [1, 2, 10])
+    wrong = sorted({value + s * d for d in near for s in (-1, 1)} - {value})
+    wrong = [w for w in wrong if w >= 0]
+    pool = [str(w) for w in wrong]
+    options, answer = _options(rng, str(value), pool, index % 4)
+    return f"What is {a} {op} {b}?\n{options}", answer, None
+
+
+_TASKS: dict[str, Callable[[np.random.Generator, int], Draft]] = {
+    "syn_choice": _choice,
+    "syn_ocr": _ocr,
+    "syn_unanswerable": _unanswerable,
+    "syn_spatial": _spatial,
+    "syn_geometry": _geometry,
+    "syn_texture": _texture,
+    "syn_count": _count,
+    "syn_general_pope": _pope,
+    "syn_general_arith": _arith,
+}
+
+
+# --------------------------------------------------------------------------- rows and files
+
+
+def _bucket(problem: str, image: Image.Image | None) -> int:
+    """The split (0 train, 1 test) a (problem, image) pair belongs to: one hash bit."""
+    digest = hashlib.blake2b(problem.encode(), digest_size=8)
+    if image is not None:
+        digest.update(f"{image.size}".encode())
+        digest.update(image.tobytes())
+    return digest.digest()[0] & 1
+
+
+def _png(image: Image.Image) -> bytes:
+    """Encode as PNG (deterministic for a given Pillow and zlib)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def generate(task: str, *, split: str, num: int, seed: int) -> list[dict]:
+    """`num` rows {problem, answer, images} of one task and split, deterministic by seed."""
+    if task not in _TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; known: {list(_TASKS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
+    make, bucket = _TASKS[task], SPLITS.index(split)
+    rows = []
+    for index in range(num):
+        rng = np.random.default_rng([zlib.crc32(task.encode()), bucket, seed, index])
+        while True:
+            question, answer, image = make(rng, index)
+            if _bucket(question, image) == bucket:
+                break
+        if image is None:
+            rows.append({"problem": question, "answer": answer, "images": []})
+        else:
+            problem, images = f"<image>{question}", [_png(image)]
+            rows.append({"problem": problem, "answer": answer, "images": images})
+    return rows
+
+
+SCHEMA = pa.schema(
+    [("problem", pa.string()), ("answer", pa.string()), ("images", pa.list_(pa.binary()))]
+)
+
+
+def write_parquet(task: str, split: str, num: int, seed: int, out_dir: str | Path) -> Path:
+    """Write `<out_dir>/<task>/<split>.parquet` with the paper data's columns."""
+    path = Path(out_dir) / task / f"{split}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = generate(task, split=split, num=num, seed=seed)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path)
+    return path
+
+
+def write_benchmark(
+    out_dir: str | Path, *, train: int = 2000, test: int = 200, seed: int = 0
+) -> dict[str, dict[str, Path]]:
+    """Every stage task's train and test split, and the general tasks' test split."""
+    paths: dict[str, dict[str, Path]] = {}
+    for task in SYNTHETIC_STAGES + SYNTHETIC_GENERAL:
+        sizes = {"test": test} if task in SYNTHETIC_GENERAL else {"train": train, "test": test}
+        paths[task] = {s: write_parquet(task, s, n, seed, out_dir) for s, n in sizes.items()}
+    return paths
+
+
+def contact_sheet(examples: dict[str, list[dict]], path: str | Path, zoom: int = 2) -> Path:
+    """A PNG grid, one row per task, each example's image (zoomed) above its problem and
+    answer: for eyeballing that images are legible and agree with their answers."""
+    font = ImageFont.load_default(size=11)
+    width, text_lines = 112 * zoom + 16, 9
+    height = 4 + 14 + 112 * zoom + 4 + 14 * text_lines + 6
+    per_row = max(len(v) for v in examples.values())
+    sheet = Image.new("RGB", (width * per_row, height * len(examples)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, (task, rows) in enumerate(examples.items()):
+        for c, row in enumerate(rows):
+            x, y = c * width + 8, r * height + 4
+            draw.text((x, y), task, fill=(120, 120, 120), font=font)
+            if row["images"]:
+                image = Image.open(io.BytesIO(row["images"][0])).convert("RGB")
+                size = (image.width * zoom, image.height * zoom)
+                image = image.resize(size, Image.Resampling.NEAREST)
+                sheet.paste(image, (x, y + 14))
+                draw.rectangle((x - 1, y + 13, x + image.width, y + 14 + image.height), outline=0)
+            lines = []
+            for line in row["problem"].replace("<image>", "").splitlines():
+                lines += textwrap.wrap(line, (width - 12) // 6) or [""]
+            lines = lines[: text_lines - 2] + [f"-> {row['answer']}"]
+            ty = y + 18 + 112 * zoom
+            for k, line in enumerate(lines):
+                ink = (200, 0, 0) if k == len(lines) - 1 else (0, 0, 0)
+                draw.text((x, ty + 14 * k), line, fill=ink, font=font)
+    path = Path(path)
+    sheet.save(path)
+    return path
+
+
+def _summary(rows: list[dict]) -> str:
+    """Row count, distinct answers, majority share and the most common answers."""
+    counts = Counter(r["answer"] for r in rows)
+    top = ", ".join(f"{a}:{n / len(rows):.2f}" for a, n in counts.most_common(6))
+    majority = counts.most_common(1)[0][1] / len(rows)
+    return f"{len(rows):5d} rows  {len(counts):3d} answers  max {majority:.2f}  [{top}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--train", type=int, default=2000, help="train rows per stage task")
+    parser.add_argument("--test", type=int, default=200, help="test rows per task")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sheet", help="also save a contact sheet PNG (2 test rows per task)")
+    args = parser.parse_args()
+    paths = write_benchmark(args.out, train=args.train, test=args.test, seed=args.seed)
+    for task, splits in paths.items():
+        for split, path in splits.items():
+            rows = pq.read_table(path).to_pylist()
+            print(f"{task:18s} {split:5s} {_summary(rows)}")
+    if args.sheet:
+        examples = {t: generate(t, split="test", num=2, seed=args.seed) for t in paths}
+        print("contact sheet:", contact_sheet(examples, args.sheet))
+
+
+if __name__ == "__main__":
+    main()
