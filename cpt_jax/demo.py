@@ -20,10 +20,9 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw
 
+from cpt_jax.data.processor import preprocess_image
+from cpt_jax.data.synthetic import SYNTHETIC_MAX_PIXELS, SYNTHETIC_MIN_PIXELS
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset
-
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
 def _synthetic_image(width: int, height: int, seed: int) -> Image.Image:
@@ -36,26 +35,6 @@ def _synthetic_image(width: int, height: int, seed: int) -> Image.Image:
         size, fill = int(rng.integers(12, 36)), tuple(rng.integers(0, 256, 3).tolist())
         (draw.ellipse if k % 2 else draw.rectangle)((x, y, x + size, y + size), fill=fill)
     return image
-
-
-def _image_patches(image: Image.Image, temporal: int = 2, patch: int = 14, merge: int = 2):
-    """Flattened patches [N, 3*temporal*patch*patch] and grid (t, h, w), as Qwen's processor.
-
-    Minimal stand-in for the Qwen2-VL image processor, for images whose sides are already
-    multiples of patch * merge (28) so no resize is needed: rescale by 1/255, CLIP-normalise,
-    repeat the frame `temporal` times, and order the patches so that each 2x2 merge block is
-    contiguous, every patch flattened as (C, T, patch, patch). The full processor (with
-    smart_resize) comes with the data issue.
-    """
-    width, height = image.size
-    if width % (patch * merge) or height % (patch * merge):
-        raise ValueError(f"image size {image.size} must be a multiple of {patch * merge}")
-    x = (np.asarray(image.convert("RGB"), np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
-    frames = np.repeat(x.transpose(2, 0, 1)[None], temporal, axis=0)  # [T, C, H, W]
-    h, w = height // patch, width // patch
-    x = frames.reshape(temporal, 3, h // merge, merge, patch, w // merge, merge, patch)
-    x = x.transpose(2, 5, 3, 6, 1, 0, 4, 7)  # [h/2, w/2, 2, 2, C, T, 14, 14]
-    return x.reshape(h * w, 3 * temporal * patch * patch), (1, h, w)
 
 
 def _timed(fn, *args):
@@ -103,7 +82,15 @@ def main(argv: list[str] | None = None) -> None:
     images = [
         _synthetic_image(w, h, args.seed + i) for i, (w, h) in enumerate([(112, 84), (56, 84)])
     ]
-    patches, grids = zip(*(_image_patches(image) for image in images), strict=True)
+    patches, grids = zip(
+        *(
+            preprocess_image(
+                image, min_pixels=SYNTHETIC_MIN_PIXELS, max_pixels=SYNTHETIC_MAX_PIXELS
+            )
+            for image in images
+        ),
+        strict=True,
+    )
     pixel_values, grid_thw = np.concatenate(patches), np.array(grids)
     rng = np.random.default_rng(args.seed)
     special = min(
