@@ -1,0 +1,1 @@
+"""Reinforcement fine-tuning: GRPO math, sampling and rollout-based instance filtering."""
