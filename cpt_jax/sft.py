@@ -1,0 +1,178 @@
+"""Supervised fine-tuning: the response-only loss and one jitted, gradient-accumulating step.
+
+The loss is the token-mean cross-entropy over the response tokens of the whole (global) batch,
+as LLaMA-Factory computes it: every response token weighs the same, whatever the length of
+its example or micro-batch. Gradient accumulation therefore sums per-token losses and token
+counts over the micro-batches and divides once at the end (a mean of micro-batch means would
+over-weight micro-batches with few response tokens).
+
+One step is one `jax.jit` over (state, batch) with the state donated: the micro-batches are
+stacked on a leading axis and scanned with `lax.scan`, so the step compiles once per bucket
+shape (token length, patch count), never per batch. Only the `nnx.Param` variables are
+trained; the model is merged from the split state inside the trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, VisionInputs
+from cpt_jax.optim import current_learning_rate
+
+Batch = dict[str, Any]
+"""Jit inputs: input_ids [b, s], positions [3, b, s], attention_mask [b, s], loss_mask [b, s],
+vision (VisionInputs or None); stacked on a leading micro-batch axis for the step."""
+
+
+@struct.dataclass
+class TrainState:
+    """What a step reads and replaces: the trained parameters, the model's other variables,
+    the optimiser state and the number of updates made."""
+
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    params: nnx.State
+    rest: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array
+
+    @classmethod
+    def create(cls, model: nnx.Module, optimizer: optax.GradientTransformation) -> TrainState:
+        """Takes the model's arrays without copying them: the first step donates them, so use
+        `state.model()` afterwards, not `model`."""
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        return cls(graphdef=graphdef, params=params, rest=rest,
+                   opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def _token_sums(model: Qwen2_5_VL, batch: Batch) -> dict[str, jax.Array]:
+    """Summed cross-entropy, correct predictions and count over the batch's response tokens.
+
+    The logits at t predict the id at t+1, so the target of position t is input_ids[t+1] and
+    its weight loss_mask[t+1]; the last position predicts nothing. float32 throughout, with
+    log-softmax as logsumexp minus the target logit (no [b, s, vocab] log-probabilities).
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logits, _ = model.forward(ids, batch["positions"], mask, batch["vision"])
+    logits = logits.astype(jnp.float32)
+    targets = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))
+    weights = (batch["loss_mask"][:, 1:] * mask[:, 1:]).astype(jnp.float32)
+    weights = jnp.pad(weights, ((0, 0), (0, 1)))
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logits
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(nll * weights), "correct": jnp.sum(correct * weights),
+            "tokens": jnp.sum(weights)}
+
+
+def _means(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    return {"loss": sums["loss_sum"] / tokens, "accuracy": sums["correct"] / tokens,
+            "tokens": sums["tokens"]}
+
+
+def sft_loss(model: Qwen2_5_VL, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Token-mean cross-entropy over the response tokens of one (unstacked) batch; metrics:
+    loss, token accuracy (argmax == target) and the number of response tokens."""
+    metrics = _means(_token_sums(model, batch))
+    return metrics["loss"], metrics
+
+
+def make_sft_step(model: nnx.Module, optimizer: optax.GradientTransformation, *,
+                  micro_batches: int) -> Callable[[TrainState, Batch],
+                                                  tuple[TrainState, dict[str, jax.Array]]]:
+    """`step(state, batch) -> (state, metrics)`, jitted with the state donated.
+
+    `batch` is `stack_micro_batches`' output: every array has a leading axis of
+    `micro_batches`. Gradients accumulate in float32; metrics: loss, accuracy, tokens (of the
+    whole batch), grad_norm (before clipping) and learning_rate (of this update).
+    """
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    graphdef = nnx.graphdef(model)
+
+    def sums_and_grads(params: nnx.State, rest: nnx.State, micro: Batch):
+        def loss_sum(p: nnx.State):
+            sums = _token_sums(nnx.merge(graphdef, p, rest), micro)
+            return sums["loss_sum"], sums
+        (_, sums), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
+        return sums, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        leading = {x.shape[0] for x in jax.tree.leaves(batch)}
+        if leading != {micro_batches}:
+            raise ValueError(f"batch arrays have leading axes {sorted(leading)}, expected "
+                             f"{micro_batches} micro-batches (use stack_micro_batches)")
+        if micro_batches == 1:
+            sums, grads = sums_and_grads(state.params, state.rest,
+                                         jax.tree.map(lambda x: x[0], batch))
+        else:
+            def accumulate(carry, micro):
+                sums, grads = sums_and_grads(state.params, state.rest, micro)
+                return jax.tree.map(jnp.add, carry, (sums, grads)), None
+
+            zeros = (dict.fromkeys(("loss_sum", "correct", "tokens"), jnp.zeros((), jnp.float32)),
+                     jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
+            (sums, grads), _ = jax.lax.scan(accumulate, zeros, batch)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["tokens"], 1.0), grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**_means(sums), "grad_norm": optax.tree.norm(grads),
+                   "learning_rate": current_learning_rate(opt_state)}
+        return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def stack_micro_batches(batches: Sequence[dict[str, np.ndarray]],
+                        model: Qwen2_5_VL) -> Batch:
+    """Pipeline SFT batches (one per micro-batch, same number of rows) -> the step's input.
+
+    Each is padded on the right (SFT rows are right-padded) to the longest token bucket among
+    them and its patches to the largest patch bucket, so that all stack; positions and the
+    vision layout come from `model.prepare_inputs`. A text-only batch among image batches gets
+    a blank 2x2-patch image that no token reads. Returns NumPy arrays (host memory).
+    """
+    if not batches:
+        raise ValueError("stack_micro_batches needs at least one batch")
+    rows = {b["input_ids"].shape[0] for b in batches}
+    if len(rows) != 1:
+        raise ValueError(f"micro-batches must have the same number of rows, got {sorted(rows)}")
+    length = max(b["input_ids"].shape[1] for b in batches)
+    patches = max((b["pixel_values"].shape[0] for b in batches if len(b["image_grid_thw"])),
+                  default=None)
+    prepared = [_prepare(b, model, length, patches) for b in batches]
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *prepared)
+
+
+def _prepare(batch: dict[str, np.ndarray], model: Qwen2_5_VL, length: int,
+             patches: int | None) -> Batch:
+    cfg = model.config
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+
+    def widen(x: np.ndarray, value: int) -> np.ndarray:
+        return np.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
+
+    grid = batch["image_grid_thw"]
+    images = {}
+    if len(grid):
+        images = {"pixel_values": batch["pixel_values"][:int(batch["num_patches"])],
+                  "image_grid_thw": grid, "pad_patches_to": patches}
+    ids, positions, mask, vision, _ = model.prepare_inputs(
+        widen(batch["input_ids"], pad_id), attention_mask=widen(batch["attention_mask"], 0),
+        **images)
+    if vision is None and patches is not None:
+        side = cfg.vision.spatial_merge_size
+        vision = VisionInputs.build(np.zeros((side * side, cfg.vision.patch_dim), np.float32),
+                                    np.asarray([[1, side, side]]), cfg.vision, pad_to=patches)
+    return {"input_ids": ids, "positions": positions, "attention_mask": mask,
+            "loss_mask": widen(batch["loss_mask"], 0).astype(np.int32), "vision": vision}
