@@ -1,0 +1,1 @@
+"""Experiments on the synthetic benchmark: scripts that train, evaluate and write reports."""

@@ -1,0 +1,279 @@
+"""Learnability of the synthetic benchmark: untrained vs briefly SFT-trained accuracy per task.
+
+    python -m cpt_jax.experiments.learnability --out reports/synthetic_learnability \
+        [--preset small] [--steps N] [--eval-examples M] [--seed 0] [--data-dir DIR]
+
+Builds the synthetic benchmark and a tokenizer for the preset, evaluates the randomly
+initialised model on every stage task and both general tasks (greedy, no chain of thought,
+exact match), trains it with SFT on the round-robin mixture of the seven stage tasks' train
+splits, evaluates again, and writes `<out>/results.json` and `<out>/README.md`. The majority
+baseline (share of the most frequent answer among the evaluated examples) is the trivial
+reference an untrained or degenerate model could reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from transformers import PreTrainedTokenizerBase
+
+from cpt_jax.data import build
+from cpt_jax.data.pipeline import EncodeOptions, eval_dataset, sft_dataset
+from cpt_jax.data.sources import load_source
+from cpt_jax.data.synthetic import SYNTHETIC_MAX_PIXELS, SYNTHETIC_MIN_PIXELS
+from cpt_jax.data.tasks import (
+    COT_SUFFIX,
+    NO_COT_SUFFIX,
+    SYNTHETIC_GENERAL,
+    SYNTHETIC_STAGES,
+    get_task,
+)
+from cpt_jax.data.tokenizer import build_tokenizer, preset_special_tokens
+from cpt_jax.demo import _jitted
+from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset
+from cpt_jax.optim import make_optimizer
+from cpt_jax.rewards import exact_match
+from cpt_jax.sft import TrainState, make_sft_step, stack_micro_batches
+
+EVAL_TASKS = SYNTHETIC_STAGES + SYNTHETIC_GENERAL
+# Synthetic prompts are under 128 tokens and 8 images hold at most 512 patches: one program.
+OPTIONS = EncodeOptions(length_buckets=(128, 256), min_pixels=SYNTHETIC_MIN_PIXELS,
+                        max_pixels=SYNTHETIC_MAX_PIXELS, cot=False, min_patches=512)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cpt_jax.experiments.learnability",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="results.json and README.md")
+    parser.add_argument("--preset", default="small", help="a name under configs/model/")
+    parser.add_argument("--steps", type=int, default=75,
+                        help="SFT steps of batch 8 (75: about 5 min for small on 2 CPU cores)")
+    parser.add_argument("--eval-examples", type=int, default=64, help="test examples per task")
+    parser.add_argument("--train-examples", type=int, default=500, help="train rows per task")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=8, help="greedy decoding budget")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype (parameters stay float32)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="where to build the benchmark (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    if min(args.steps, args.eval_examples, args.train_examples, args.new_tokens) < 1:
+        parser.error("--steps, --eval-examples, --train-examples and --new-tokens must be >= 1")
+    return args
+
+
+def make_tokenizer(config: Any, data_dir: Path) -> PreTrainedTokenizerBase:
+    """A BPE for the preset trained on the stage tasks' train problems, answers and suffixes."""
+    corpus = [COT_SUFFIX, NO_COT_SUFFIX]
+    for task in SYNTHETIC_STAGES:
+        for example in load_source(task, "train", data_dir=data_dir):
+            corpus += [example["problem"], example["answer"]]
+    return build_tokenizer(vocab_size=config.text.vocab_size,
+                           special_token_ids=preset_special_tokens(config), corpus=corpus)
+
+
+def _answers(tokenizer: PreTrainedTokenizerBase, tokens: np.ndarray) -> list[str]:
+    """Generated ids [b, n] -> texts cut at the first `<|im_end|>`."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    texts = []
+    for row in tokens.tolist():
+        row = row[:row.index(eos)] if eos in row else row
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def evaluate(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase, data_dir: Path, *,
+             examples: int, batch_size: int, new_tokens: int) -> dict[str, dict[str, Any]]:
+    """Greedy exact-match accuracy per task on the first `examples` test rows."""
+    forward, decode = _jitted(model)
+    results = {}
+    for task in EVAL_TASKS:
+        source = load_source(task, "test", data_dir=data_dir)
+        source = source[:min(examples, len(source))]
+        correct, answers, samples = 0, [], []
+        for batch in eval_dataset(source, task=task, tokenizer=tokenizer,
+                                  batch_size=batch_size, options=OPTIONS):
+            images = {}
+            if len(batch["image_grid_thw"]):
+                images = {"pixel_values": batch["pixel_values"][:int(batch["num_patches"])],
+                          "image_grid_thw": batch["image_grid_thw"],
+                          "pad_patches_to": batch["pixel_values"].shape[0]}
+            ids, positions, mask, vision, _ = model.prepare_inputs(
+                batch["input_ids"], attention_mask=batch["attention_mask"], **images)
+            cache = model.init_cache(ids.shape[0], ids.shape[1] + new_tokens)
+            logits, cache = forward(ids, positions, mask, vision, cache)
+            tokens = [jnp.argmax(logits[:, -1], axis=-1)]
+            for _ in range(new_tokens - 1):
+                logits, cache = decode(tokens[-1][:, None], cache)
+                tokens.append(jnp.argmax(logits[:, -1], axis=-1))
+            predictions = _answers(tokenizer, np.stack([np.asarray(t) for t in tokens], 1))
+            for prediction, answer, valid in zip(predictions, batch["answer"], batch["valid"],
+                                                 strict=True):
+                if valid:
+                    correct += exact_match(prediction, answer)
+                    answers.append(answer)
+                    if len(samples) < 3:
+                        samples.append({"prediction": prediction, "answer": answer})
+        top = collections.Counter(a.strip().lower() for a in answers).most_common(1)[0]
+        results[task] = {"accuracy": correct / len(answers), "n": len(answers),
+                         "majority": top[1] / len(answers), "majority_answer": top[0],
+                         "samples": samples}
+        print(f"  {task:20s} acc {results[task]['accuracy']:.3f} (n {len(answers)}, "
+              f"majority {results[task]['majority']:.3f}) e.g. {samples[:2]}", flush=True)
+    return results
+
+
+def mixture(tokenizer: PreTrainedTokenizerBase, data_dir: Path, *, batch_size: int,
+            seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """SFT batches of the seven stage tasks, one task per batch, round-robin."""
+    iterators = [iter(sft_dataset(load_source(task, "train", data_dir=data_dir), task=task,
+                                  tokenizer=tokenizer, batch_size=batch_size, seed=seed + i,
+                                  options=OPTIONS))
+                 for i, task in enumerate(SYNTHETIC_STAGES)]
+    for iterator in itertools.cycle(iterators):
+        yield next(iterator)
+
+
+def train(model: Qwen2_5_VL, batches: Iterator[dict[str, np.ndarray]], *, steps: int,
+          learning_rate: float) -> tuple[Qwen2_5_VL, list[float], float]:
+    """`steps` SFT updates (AdamW, warm-up 0.1, cosine); returns the trained model, the loss
+    per step and the seconds per step after the first (compiling) one."""
+    optimizer = make_optimizer(learning_rate=learning_rate, total_steps=steps,
+                               warmup_ratio=0.1)
+    step = make_sft_step(model, optimizer, micro_batches=1)
+    state = TrainState.create(model, optimizer)
+    losses, start = [], time.perf_counter()
+    for i in range(steps):
+        state, metrics = step(state, stack_micro_batches([next(batches)], model))
+        losses.append(float(metrics["loss"]))
+        if i == 0:
+            start = time.perf_counter()
+        if i % 10 == 0 or i == steps - 1:
+            print(f"  step {i + 1}/{steps} loss {losses[-1]:.4f} token acc "
+                  f"{float(metrics['accuracy']):.3f} lr {float(metrics['learning_rate']):.2e} "
+                  f"{time.perf_counter() - start:.1f} s", flush=True)
+    per_step = (time.perf_counter() - start) / max(1, steps - 1)
+    return state.model(), losses, per_step
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def write_readme(path: Path, results: dict[str, Any]) -> None:
+    """The table and a plain statement of the outcome."""
+    rows, improved, trivial = [], [], []
+    for task, r in results["tasks"].items():
+        rows.append(f"| {task} | {get_task(task).paper_task} | {get_task(task).role} | "
+                    f"{_pct(r['majority'])} | {_pct(r['untrained'])} | {_pct(r['trained'])} "
+                    f"| {r['n']} |")
+        if get_task(task).role == "stage":
+            (improved if r["trained"] > max(r["untrained"], r["majority"]) else trivial).append(
+                task)
+    outcome = (f"Stage tasks whose trained accuracy beats both the untrained model and the "
+               f"majority baseline: {', '.join(improved) or 'none'}. "
+               f"Stage tasks that do not, in this budget: {', '.join(trivial) or 'none'}.")
+    text = f"""# Synthetic benchmark: learnability by the `{results['preset']}` model
+
+- Command: `{results['command']}` (commit `{results['commit']}`).
+- Training: SFT on the round-robin mixture of the seven stage tasks' train splits (one task
+  per batch), batch {results['batch_size']}, {results['steps']} steps, AdamW lr \
+{results['learning_rate']:g} with warm-up 0.1 and cosine decay, {results['dtype']} compute;
+  {results['seconds_per_step']:.2f} s per step, {results['seconds']:.0f} s for the whole run on \
+{results['device']}. Training loss {results['first_loss']:.3f} at the first step, \
+{results['final_loss']:.3f} over the last ten.
+- Evaluation: greedy decoding without chain of thought (up to {results['new_tokens']} new \
+tokens, stop at
+  `<|im_end|>`), exact match (`cpt_jax.rewards.exact_match`) on the first n test examples of
+  each task. Majority: the share of the most frequent answer among those examples. The
+  general tasks are held out (never trained on). Accuracies in %.
+
+| task | paper analogue | role | majority | untrained | trained | n |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+{outcome}
+"""
+    path.write_text(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="learnability_tfds_"))
+    try:
+        print(f"building the synthetic benchmark into {data_dir}", flush=True)
+        if build.main(["--synthetic", "--train", str(args.train_examples), "--test",
+                       str(args.eval_examples), "--seed", str(args.seed), "--data-dir",
+                       str(data_dir)]) != 0:
+            return 1
+        config = preset(args.preset)
+        tokenizer = make_tokenizer(config, data_dir)
+        model = Qwen2_5_VL(config, dtype=jnp.dtype(args.dtype), param_dtype=jnp.float32,
+                           rngs=nnx.Rngs(args.seed))
+        eval_kw = {"examples": args.eval_examples, "batch_size": args.batch_size,
+                   "new_tokens": args.new_tokens}
+        print("untrained:", flush=True)
+        before = evaluate(model, tokenizer, data_dir, **eval_kw)
+        print(f"training {args.steps} steps:", flush=True)
+        batches = mixture(tokenizer, data_dir, batch_size=args.batch_size, seed=args.seed)
+        model, losses, per_step = train(model, batches, steps=args.steps,
+                                        learning_rate=args.learning_rate)
+        print("trained:", flush=True)
+        after = evaluate(model, tokenizer, data_dir, **eval_kw)
+    finally:
+        if args.data_dir is None:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    tasks = {task: {"untrained": before[task]["accuracy"], "trained": after[task]["accuracy"],
+                    "majority": before[task]["majority"],
+                    "majority_answer": before[task]["majority_answer"], "n": before[task]["n"],
+                    "role": get_task(task).role, "paper_task": get_task(task).paper_task,
+                    "untrained_samples": before[task]["samples"],
+                    "trained_samples": after[task]["samples"]}
+             for task in EVAL_TASKS}
+    results = {
+        "preset": args.preset, "steps": args.steps, "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate, "dtype": args.dtype, "seed": args.seed,
+        "train_examples_per_task": args.train_examples, "new_tokens": args.new_tokens,
+        "seconds_per_step": per_step, "seconds": time.perf_counter() - started,
+        "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])),
+        "device": f"{jax.devices()[0].platform} ({jax.device_count()} device(s))",
+        "commit": _commit(),
+        "command": " ".join(["python -m cpt_jax.experiments.learnability",
+                             *(argv if argv is not None else sys.argv[1:])]),
+        "tasks": tasks,
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_readme(args.out / "README.md", results)
+    print(f"wrote {args.out}/results.json and README.md in {results['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
