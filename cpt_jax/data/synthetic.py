@@ -52,19 +52,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
+from cpt_jax.data.tasks import SYNTHETIC_GENERAL, SYNTHETIC_STAGES
+
 SYNTHETIC_MIN_PIXELS = 56 * 56
 SYNTHETIC_MAX_PIXELS = 112 * 112
 
-SYNTHETIC_STAGES = (
-    "syn_choice",
-    "syn_ocr",
-    "syn_unanswerable",
-    "syn_spatial",
-    "syn_geometry",
-    "syn_texture",
-    "syn_count",
-)
-SYNTHETIC_GENERAL = ("syn_general_pope", "syn_general_arith")
 SPLITS = ("train", "test")
 
 RGB = tuple[int, int, int]
