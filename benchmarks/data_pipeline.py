@@ -16,16 +16,18 @@ stage tasks (`grain.IterDataset.mix` of the per-task pipelines, equal weights).
    (--workers-skip, --workers-batches: worker queues hold one batch each, no head start;
    timing stops early after --workers-max-s seconds, for pipelines that crawl).
    The time to the first batch and the cold rate (start-up included) are kept too.
-2. Peer, the train step's consumption rate. The SFT step of this project is not written yet,
-   so the proxy is: a jitted `jax.value_and_grad` of the masked next-token cross-entropy of
-   `Qwen2_5_VL(preset("small"))` (fp32, no remat) plus an optax adamw update, on the SAME
-   batches the in-process pipeline produced (the first --step-batches timed ones, right after
-   that pipeline's run, so that load from elsewhere falls on both alike), patches padded to
-   the batch's patch bucket (`prepare_inputs(..., pad_patches_to=...)`). The RL
-   consumer is a rollout; its proxy is the jitted prefill of the batch's prompts into a KV
-   cache of prompt + --new-tokens slots and the first greedy token (a real rollout also decodes
-   every response, G samples per prompt: the proxy is a lower bound on its time). Compile time
-   (one compile and one untimed run per shape) and the host-side `prepare_inputs` are
+2. Peer, the consumption rate of what takes the batches. SFT: the project's train step,
+   `cpt_jax.sft.make_sft_step` (one micro-batch; `make_optimizer` with the paper's SFT
+   settings: AdamW, lr 1e-5, cosine with 10% warm-up, clip 1.0) on `Qwen2_5_VL(preset(
+   "small"))` (fp32, no remat), fed the SAME batches the in-process pipeline produced (the
+   first --step-batches timed ones, right after that pipeline's run, so that load from
+   elsewhere falls on both alike) through `stack_micro_batches` (patches padded to the
+   batch's patch bucket). RL: the consumer is a rollout, not written yet; its proxy is the
+   jitted prefill of the batch's prompts (`prepare_inputs(..., pad_patches_to=...)`) into a KV
+   cache of prompt + --new-tokens slots and the first greedy token (a real rollout also
+   decodes every response, G samples per prompt: the proxy is a lower bound on its time, and
+   the RL ratio a lower bound on the margin). Compile time (one compile and one untimed run
+   per shape) and the host-side preparation (`stack_micro_batches` / `prepare_inputs`) are
    reported apart and never enter the step time.
 3. ratio = pipeline examples/s / step examples/s: above 1 the pipeline keeps up.
 4. Where pipeline time goes: the stages of `encode_sft` / `encode_prompt_only` (in their
@@ -52,6 +54,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,7 +63,6 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import flags
 from flax import nnx
 
@@ -84,6 +86,8 @@ from cpt_jax.data.synthetic import SYNTHETIC_MAX_PIXELS, SYNTHETIC_MIN_PIXELS
 from cpt_jax.data.tasks import COT_SUFFIX, SYNTHETIC_STAGES, prompt_text
 from cpt_jax.data.tokenizer import build_tokenizer, preset_special_tokens
 from cpt_jax.models.qwen2_5_vl import KVCache, Qwen2_5_VL, preset
+from cpt_jax.optim import make_optimizer
+from cpt_jax.sft import TrainState, make_sft_step, stack_micro_batches
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "data_pipeline.json"
 DEFAULT_TASKS = ("syn_choice", "syn_ocr", "syn_count")
@@ -185,7 +189,12 @@ def time_iterator(dataset: grain.IterDataset, *, skip: int, batches: int, keep: 
         del iterator
         gc.collect()
         close_s = time.perf_counter() - closing
-    time.sleep(0.3)  # threads still running a batch finish before the next measurement
+    # Prefetch threads still running a batch finish before the next measurement.
+    deadline = time.perf_counter() + 30
+    while time.perf_counter() < deadline and any(
+            t.name.startswith("grain-prefetch") for t in threading.enumerate()):
+        time.sleep(0.05)
+    time.sleep(0.2)
     window = arrivals[-1] - arrivals[skip - 1]
     batches = len(arrivals) - skip
     return dict(first_batch_s=arrivals[0], skipped_batches=skip, timed_batches=batches,
@@ -209,7 +218,7 @@ def batch_stats(batches: list[dict]) -> dict:
 
 
 def measure_pipelines(workloads, sources, tokenizer, options, consumer, args) -> dict:
-    """Per kind and workload: the in-process pipeline, the consumer proxy on the batches it
+    """Per kind and workload: the in-process pipeline, the consumer on the batches it
     produced, then the pipeline with worker processes, one right after the other (so that
     load from elsewhere on the machine falls on a pipeline and its consumer alike)."""
     results: dict = {w: {} for w in workloads}
@@ -373,80 +382,78 @@ def measure_stages(workloads, sources, tokenizer, options, args) -> dict:
 
 # ----------------------------------------------------------------------------- consumers
 class Consumers:
-    """The jitted SFT step proxy (loss, grads, adamw) and RL proxy (prefill + first token),
-    compiled once per batch shape (compile and a first, untimed run reported apart)."""
+    """The batches' consumers, compiled once per batch shape (compile and a first, untimed
+    run reported apart): SFT, the project's own step (`cpt_jax.sft.make_sft_step`, one
+    micro-batch, `make_optimizer` with the paper's SFT settings); RL, a proxy of a rollout
+    (prefill of the prompts + the first greedy token)."""
 
-    def __init__(self, model: Qwen2_5_VL, new_tokens: int):
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        optimizer = optax.adamw(1e-5)
+    def __init__(self, model: Qwen2_5_VL, new_tokens: int, total_steps: int):
+        optimizer = make_optimizer(learning_rate=1e-5, total_steps=total_steps,
+                                   warmup_ratio=0.1, schedule="cosine")
+        self.model = model
+        self.state = TrainState.create(model, optimizer)  # the first step donates the arrays
+        graphdef = self.state.graphdef
         cfg = model.config.text
 
-        def loss_fn(p, ids, positions, mask, vision, loss_mask):
-            logits, _ = nnx.merge(graphdef, p, rest).forward(ids, positions, mask, vision)
-            logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-            nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-            weight = loss_mask[:, 1:].astype(jnp.float32)
-            return (nll * weight).sum() / jnp.maximum(weight.sum(), 1.0)
-
-        def train_step(p, opt_state, ids, positions, mask, vision, loss_mask):
-            loss, grads = jax.value_and_grad(loss_fn)(p, ids, positions, mask, vision,
-                                                      loss_mask)
-            updates, opt_state = optimizer.update(grads, opt_state, p)
-            return optax.apply_updates(p, updates), opt_state, loss
-
-        def prefill(p, ids, positions, mask, vision):
-            m = nnx.merge(graphdef, p, rest)
+        def prefill(params, rest, ids, positions, mask, vision):
+            m = nnx.merge(graphdef, params, rest)
             cache = KVCache.init(cfg, ids.shape[0], ids.shape[1] + new_tokens, m.dtype)
             logits, _ = m.forward(ids, positions, mask, vision, cache)
             return jnp.argmax(logits[:, -1], axis=-1)
 
-        self.model = model
-        self.params, self.opt_state = params, optimizer.init(params)
-        self.jitted = dict(sft=jax.jit(train_step, donate_argnums=(0, 1)), rl=jax.jit(prefill))
+        self.jitted = dict(sft=make_sft_step(model, optimizer, micro_batches=1),
+                           rl=jax.jit(prefill))
         self.compiled: dict = {}
         self.compile_info: dict = {"sft": {}, "rl": {}}
 
-    def _run(self, kind: str, executable, inputs):
+    def _host_inputs(self, kind: str, b: dict) -> tuple[tuple, tuple]:
+        """(the jitted function's data arguments, on the device; their shape key)."""
         if kind == "sft":
-            self.params, self.opt_state, loss = jax.block_until_ready(
-                executable(self.params, self.opt_state, *inputs))
-            return float(loss)
-        jax.block_until_ready(executable(self.params, *inputs))
+            inputs = jax.device_put(stack_micro_batches([b], self.model))
+            key = (*inputs["input_ids"].shape[1:], inputs["vision"].pixel_values.shape[1])
+            return (inputs,), key
+        n = int(b["num_patches"])
+        ids, positions, mask, vision, _ = self.model.prepare_inputs(
+            b["input_ids"], attention_mask=b["attention_mask"],
+            pixel_values=b["pixel_values"][:n], image_grid_thw=b["image_grid_thw"],
+            pad_patches_to=len(b["pixel_values"]))
+        return (ids, positions, mask, vision), (*ids.shape, len(b["pixel_values"]))
+
+    def _run(self, kind: str, executable, inputs: tuple) -> float | None:
+        if kind == "sft":
+            self.state, metrics = jax.block_until_ready(executable(self.state, *inputs))
+            return float(metrics["loss"])
+        jax.block_until_ready(executable(self.state.params, self.state.rest, *inputs))
         return None
+
+    def _state_args(self, kind: str) -> tuple:
+        return (self.state,) if kind == "sft" else (self.state.params, self.state.rest)
 
     def measure(self, kind: str, batches: list[dict]) -> dict:
         step_s, prepare_s, losses = [], [], []
         for b in batches:
             t = time.perf_counter()
-            n = int(b["num_patches"])
-            ids, positions, mask, vision, _ = self.model.prepare_inputs(
-                b["input_ids"], attention_mask=b["attention_mask"],
-                pixel_values=b["pixel_values"][:n], image_grid_thw=b["image_grid_thw"],
-                pad_patches_to=len(b["pixel_values"]))
-            inputs = [ids, positions, mask, vision]
-            if kind == "sft":
-                inputs.append(jnp.asarray(b["loss_mask"]))
+            inputs, key = self._host_inputs(kind, b)
             jax.block_until_ready(inputs)
             prepare_s.append(time.perf_counter() - t)
-            shape = (kind, *ids.shape, len(b["pixel_values"]))
-            if shape not in self.compiled:
+            if (kind, *key) not in self.compiled:
                 t = time.perf_counter()
-                state = (self.params, self.opt_state) if kind == "sft" else (self.params,)
-                self.compiled[shape] = self.jitted[kind].lower(*state, *inputs).compile()
+                executable = self.jitted[kind].lower(*self._state_args(kind), *inputs).compile()
+                self.compiled[kind, *key] = executable
                 compile_s = time.perf_counter() - t
                 t = time.perf_counter()  # first run untimed: allocations, thread pools
-                self._run(kind, self.compiled[shape], inputs)
-                self.compile_info[kind]["x".join(map(str, shape[1:]))] = dict(
+                self._run(kind, executable, inputs)
+                self.compile_info[kind]["x".join(map(str, key))] = dict(
                     compile_s=compile_s, first_run_s=time.perf_counter() - t)
             t = time.perf_counter()
-            loss = self._run(kind, self.compiled[shape], inputs)
+            loss = self._run(kind, self.compiled[kind, *key], inputs)
             step_s.append(time.perf_counter() - t)
             if loss is not None:
                 losses.append(loss)
         if not all(np.isfinite(losses)):
             raise RuntimeError(f"non-finite training loss: {losses}")
         median = statistics.median(step_s)
-        return dict(consumer="train step proxy" if kind == "sft" else "prefill proxy",
+        return dict(consumer="SFT step" if kind == "sft" else "prefill proxy",
                     step_s=step_s, median_step_s=median,
                     examples_per_s=len(batches[0]["input_ids"]) / median,
                     prepare_inputs_s=statistics.median(prepare_s), losses=losses)
@@ -461,7 +468,7 @@ def markdown_tables(report: dict) -> str:
     r = report["results"]
     workers = report["workload"]["workers"]
     out = []
-    for kind, consumer in (("sft", "train step proxy"), ("rl", "rollout proxy: prefill")):
+    for kind, consumer in (("sft", "SFT step"), ("rl", "rollout proxy: prefill")):
         cols = [f"{kind.upper()} workload", "pipeline ex/s, in process (first batch)"]
         if workers:
             cols.append(f"pipeline ex/s, {workers} workers (first batch)")
@@ -572,7 +579,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = Qwen2_5_VL(config, dtype=jnp.float32, param_dtype=jnp.float32, remat=False,
                            rngs=nnx.Rngs(args.seed))
         n_params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        consumer = Consumers(model, args.new_tokens)
+        consumer = Consumers(model, args.new_tokens, total_steps=1000)
         pipelines = measure_pipelines(workloads, sources, tokenizer, options, consumer, args)
         read_options = measure_read_options(sources, tokenizer, options, args)
         idle = measure_idle_buffer(sources, tokenizer, options, args)
@@ -624,8 +631,9 @@ def main(argv: list[str] | None = None) -> dict:
             workers=args.workers, workers_skip_batches=args.workers_skip,
             workers_timed_batches=args.workers_batches, workers_max_s=args.workers_max_s,
             step_batches=args.step_batches, new_tokens=args.new_tokens,
-            dtype="float32", remat=False, optimizer="optax.adamw(1e-5)", seed=args.seed,
-            sft_consumer="jit(value_and_grad(masked next-token cross-entropy) + adamw update)",
+            dtype="float32", remat=False, seed=args.seed,
+            sft_consumer="cpt_jax.sft.make_sft_step(micro_batches=1) with make_optimizer("
+                         "learning_rate=1e-5, total_steps=1000, warmup_ratio=0.1, cosine)",
             rl_consumer=f"jit(prefill into KV cache of prompt + {args.new_tokens} slots + "
                         "argmax of the last logits); a lower bound on a rollout's time"),
         results=dict(per_workload=per_workload, ratio_in_process=ratios, stages=stages,
