@@ -28,6 +28,9 @@ from cpt_jax.data.prompts import encode_prompt, encode_sft_example
 from cpt_jax.data.tasks import prompt_text
 
 PATCH_DIM = 3 * 2 * 14 * 14
+# Batches are prefetched a few at a time: Grain's default (16 threads, 500 elements) would
+# buffer 500 batches, gigabytes of patches, and its threads only contend for the GIL here.
+READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +162,7 @@ def sft_dataset(source: grain.MapDataset, *, task: str, tokenizer: PreTrainedTok
                                                response_template=response_template))
     pad_id = _pad_id(tokenizer)
     return dataset.batch(batch_size, drop_remainder=True, batch_fn=lambda es: collate(
-        es, options=options, pad_id=pad_id, left_pad=False)).to_iter_dataset()
+        es, options=options, pad_id=pad_id, left_pad=False)).to_iter_dataset(READ_OPTIONS)
 
 
 def rl_dataset(source: grain.MapDataset, *, task: str, tokenizer: PreTrainedTokenizerBase,
@@ -173,7 +176,7 @@ def rl_dataset(source: grain.MapDataset, *, task: str, tokenizer: PreTrainedToke
                                                        options=options))
     pad_id = _pad_id(tokenizer)
     return dataset.batch(batch_size, drop_remainder=True, batch_fn=lambda es: collate(
-        es, options=options, pad_id=pad_id, left_pad=True)).to_iter_dataset()
+        es, options=options, pad_id=pad_id, left_pad=True)).to_iter_dataset(READ_OPTIONS)
 
 
 def eval_dataset(source: grain.MapDataset, *, task: str, tokenizer: PreTrainedTokenizerBase,
@@ -192,4 +195,4 @@ def eval_dataset(source: grain.MapDataset, *, task: str, tokenizer: PreTrainedTo
     pad_id = _pad_id(tokenizer)
     return dataset.batch(batch_size, batch_fn=lambda pairs: collate(
         [p[0] for p in pairs], options=options, pad_id=pad_id, left_pad=True,
-        valid=[p[1] for p in pairs])).to_iter_dataset()
+        valid=[p[1] for p in pairs])).to_iter_dataset(READ_OPTIONS)
