@@ -46,7 +46,6 @@ import contextlib
 import ctypes
 import datetime
 import gc
-import importlib.metadata
 import io
 import json
 import os
@@ -65,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from flax import nnx
+from machine import cpu_model, package_version
 
 from cpt_jax.data import build
 from cpt_jax.data.pipeline import (
@@ -612,12 +612,12 @@ def main(argv: list[str] | None = None) -> dict:
         benchmark="data_pipeline",
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         machine=dict(cpu_count=os.cpu_count(), platform=platform.platform(),
-                     processor=_cpu_model(), python=sys.version.split()[0],
+                     processor=cpu_model(), python=sys.version.split()[0],
                      jax_backend=jax.default_backend(),
                      loadavg_1_5_15min=dict(start=load_start, end=os.getloadavg()),
                      other_processes_cpu_s=others_cpu_s,
                      other_processes_share_of_machine=others_cpu_s / (wall * os.cpu_count())),
-        versions={name: _version(name) for name in (
+        versions={name: package_version(name) for name in (
             "jax", "jaxlib", "flax", "optax", "grain", "array_record", "tensorflow-datasets",
             "transformers", "tokenizers", "pillow", "numpy")},
         preset=PRESET, parameters=int(n_params),
@@ -667,23 +667,6 @@ def _busy_cpu_s() -> tuple[float, float]:
         machine = float("nan")
     t = os.times()
     return machine, t.user + t.system + t.children_user + t.children_system
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -50,6 +49,7 @@ import numpy as np
 import torch
 import transformers
 from flax import nnx
+from machine import cpu_model, package_version
 
 from cpt_jax.models.qwen2_5_vl import KVCache, Qwen2_5_VL, preset, save_pretrained
 
@@ -369,9 +369,10 @@ def main(argv: list[str] | None = None) -> dict:
         benchmark="forward_vs_transformers",
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         machine=dict(cpu_count=os.cpu_count(), platform=platform.platform(),
-                     processor=_cpu_model(), python=sys.version.split()[0],
+                     processor=cpu_model(), python=sys.version.split()[0],
                      jax_backend=jax.default_backend(), torch_threads=torch.get_num_threads()),
-        versions=dict(jax=jax.__version__, jaxlib=_version("jaxlib"), flax=_version("flax"),
+        versions=dict(jax=jax.__version__, jaxlib=package_version("jaxlib"),
+                      flax=package_version("flax"),
                       transformers=transformers.__version__, torch=torch.__version__),
         preset=args.preset, parameters=int(n_params), workload=workload,
         results=dict(ours=res_ours, peers=res_peers, peer_best=peer_best,
@@ -401,23 +402,6 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"FAIL: only {checks[reference]['tokens']['fraction']:.0%} of the greedy "
                          f"tokens agree with transformers ({reference})")
     return report
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
