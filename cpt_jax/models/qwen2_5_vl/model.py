@@ -49,13 +49,22 @@ class Qwen2_5_VL(nnx.Module):
         their merged features replace the image / video placeholder tokens in row-major order.
         Returns float32 logits [b, s, vocab] and the updated cache (None without one).
         """
+        hidden, cache = self.hidden_states(input_ids, positions, attention_mask, vision, cache)
+        return self.logits(hidden), cache
+
+    def hidden_states(self, input_ids: jax.Array, positions: jax.Array,
+                      attention_mask: jax.Array, vision: VisionInputs | None = None,
+                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """`forward` without the language-model head: the final-normed hidden states
+        [b, s, hidden]. Callers that need a few positions' logits (a prefill needs the last)
+        apply `logits` to those, instead of materialising [b, s, vocab] in float32."""
         embeds = self.language_model.embed(input_ids)
         if vision is not None:
             embeds = self._insert_vision_features(input_ids, embeds, self.visual(vision))
-        hidden, cache = self.language_model(embeds, positions, attention_mask, cache)
-        return self.logits(hidden), cache
+        return self.language_model(embeds, positions, attention_mask, cache)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits [..., vocab] of hidden states [..., hidden]."""
         if self.lm_head is None:
             kernel = self.language_model.embed_tokens[...].T
         else:
