@@ -171,8 +171,6 @@ def _prepare(batch: dict[str, np.ndarray], model: Qwen2_5_VL, length: int,
         widen(batch["input_ids"], pad_id), attention_mask=widen(batch["attention_mask"], 0),
         **images)
     if vision is None and patches is not None:
-        side = cfg.vision.spatial_merge_size
-        vision = VisionInputs.build(np.zeros((side * side, cfg.vision.patch_dim), np.float32),
-                                    np.asarray([[1, side, side]]), cfg.vision, pad_to=patches)
+        vision = VisionInputs.blank(cfg.vision, pad_to=patches)
     return {"input_ids": ids, "positions": positions, "attention_mask": mask,
             "loss_mask": widen(batch["loss_mask"], 0).astype(np.int32), "vision": vision}

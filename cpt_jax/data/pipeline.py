@@ -106,8 +106,9 @@ def collate(examples: Sequence[dict[str, Any]], *, options: EncodeOptions, pad_i
     """Pads a list of encoded examples into one fixed-shape batch.
 
     Returns input_ids / attention_mask (and loss_mask for SFT) [batch, bucket], pixel_values
-    [patch bucket, 1176] with image_grid_thw [num_images, 3] (images in row order),
-    num_patches (the real patch count), instance_id [batch], answer [batch] (object),
+    [patch bucket, 1176] with image_grid_thw [num_images, 3] (images in row order) and
+    image_counts [batch] (images per row), num_patches (the real patch count), instance_id
+    [batch], answer [batch] (object),
     valid [batch] (False for filler rows of the last evaluation batch).
     """
     longest = max(examples, key=lambda e: len(e["input_ids"]))
@@ -135,6 +136,7 @@ def collate(examples: Sequence[dict[str, Any]], *, options: EncodeOptions, pad_i
         "attention_mask": attention,
         "pixel_values": pixel_values,
         "image_grid_thw": np.asarray(grids, np.int32).reshape(-1, 3),
+        "image_counts": np.asarray([len(e["grids"]) for e in examples], np.int32),
         "num_patches": np.int32(num_patches),
         "instance_id": np.asarray([e["instance_id"] for e in examples], np.int64),
         "answer": np.asarray([e["answer"] for e in examples], object),

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,11 @@ from cpt_jax.data.tasks import (
     get_task,
 )
 from cpt_jax.data.tokenizer import build_tokenizer, preset_special_tokens
-from cpt_jax.demo import _jitted
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset
 from cpt_jax.optim import make_optimizer
 from cpt_jax.rewards import exact_match
+from cpt_jax.rl.groups import answer_texts
+from cpt_jax.rl.sampler import Rollout, SamplingConfig, make_sampler, prepare_prompts
 from cpt_jax.sft import TrainState, make_sft_step, stack_micro_batches
 
 EVAL_TASKS = SYNTHETIC_STAGES + SYNTHETIC_GENERAL
@@ -89,54 +90,54 @@ def make_tokenizer(config: Any, data_dir: Path) -> PreTrainedTokenizerBase:
                            special_token_ids=preset_special_tokens(config), corpus=corpus)
 
 
-def _answers(tokenizer: PreTrainedTokenizerBase, tokens: np.ndarray) -> list[str]:
-    """Generated ids [b, n] -> texts cut at the first `<|im_end|>`."""
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    texts = []
-    for row in tokens.tolist():
-        row = row[:row.index(eos)] if eos in row else row
-        texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    return texts
+def greedy_sampler(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase,
+                   new_tokens: int) -> Callable[..., Rollout]:
+    """The jitted greedy sampler that stops at `<|im_end|>` (one per model shape)."""
+    pad = model.config.pad_token_id
+    return make_sampler(model, SamplingConfig.greedy(new_tokens),
+                        stop_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")],
+                        pad_id=pad if pad is not None else 0)
+
+
+def evaluate_task(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase, data_dir: Path,
+                  task: str, *, examples: int, batch_size: int, new_tokens: int,
+                  sample: Callable[..., Rollout] | None = None) -> dict[str, Any]:
+    """Greedy exact-match accuracy on the first `examples` test rows of `task`, with the
+    majority baseline (share of the most frequent answer) and a few sample predictions."""
+    sample = sample or greedy_sampler(model, tokenizer, new_tokens)
+    states = nnx.split(model)[1:]
+    source = load_source(task, "test", data_dir=data_dir)
+    source = source[:min(examples, len(source))]
+    correct, answers, samples = 0, [], []
+    for batch in eval_dataset(source, task=task, tokenizer=tokenizer, batch_size=batch_size,
+                              options=OPTIONS):
+        rollout = sample(states, prepare_prompts(model, batch))
+        predictions = answer_texts(tokenizer, np.asarray(rollout.tokens),
+                                   np.asarray(rollout.mask))
+        for prediction, answer, valid in zip(predictions, batch["answer"], batch["valid"],
+                                             strict=True):
+            if valid:
+                correct += exact_match(prediction, answer)
+                answers.append(answer)
+                if len(samples) < 3:
+                    samples.append({"prediction": prediction, "answer": answer})
+    top = collections.Counter(a.strip().lower() for a in answers).most_common(1)[0]
+    return {"accuracy": correct / len(answers), "n": len(answers),
+            "majority": top[1] / len(answers), "majority_answer": top[0], "samples": samples}
 
 
 def evaluate(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase, data_dir: Path, *,
              examples: int, batch_size: int, new_tokens: int) -> dict[str, dict[str, Any]]:
-    """Greedy exact-match accuracy per task on the first `examples` test rows."""
-    forward, decode = _jitted(model)
+    """`evaluate_task` on every stage and general task."""
+    sample = greedy_sampler(model, tokenizer, new_tokens)
     results = {}
     for task in EVAL_TASKS:
-        source = load_source(task, "test", data_dir=data_dir)
-        source = source[:min(examples, len(source))]
-        correct, answers, samples = 0, [], []
-        for batch in eval_dataset(source, task=task, tokenizer=tokenizer,
-                                  batch_size=batch_size, options=OPTIONS):
-            images = {}
-            if len(batch["image_grid_thw"]):
-                images = {"pixel_values": batch["pixel_values"][:int(batch["num_patches"])],
-                          "image_grid_thw": batch["image_grid_thw"],
-                          "pad_patches_to": batch["pixel_values"].shape[0]}
-            ids, positions, mask, vision, _ = model.prepare_inputs(
-                batch["input_ids"], attention_mask=batch["attention_mask"], **images)
-            cache = model.init_cache(ids.shape[0], ids.shape[1] + new_tokens)
-            logits, cache = forward(ids, positions, mask, vision, cache)
-            tokens = [jnp.argmax(logits[:, -1], axis=-1)]
-            for _ in range(new_tokens - 1):
-                logits, cache = decode(tokens[-1][:, None], cache)
-                tokens.append(jnp.argmax(logits[:, -1], axis=-1))
-            predictions = _answers(tokenizer, np.stack([np.asarray(t) for t in tokens], 1))
-            for prediction, answer, valid in zip(predictions, batch["answer"], batch["valid"],
-                                                 strict=True):
-                if valid:
-                    correct += exact_match(prediction, answer)
-                    answers.append(answer)
-                    if len(samples) < 3:
-                        samples.append({"prediction": prediction, "answer": answer})
-        top = collections.Counter(a.strip().lower() for a in answers).most_common(1)[0]
-        results[task] = {"accuracy": correct / len(answers), "n": len(answers),
-                         "majority": top[1] / len(answers), "majority_answer": top[0],
-                         "samples": samples}
-        print(f"  {task:20s} acc {results[task]['accuracy']:.3f} (n {len(answers)}, "
-              f"majority {results[task]['majority']:.3f}) e.g. {samples[:2]}", flush=True)
+        results[task] = evaluate_task(model, tokenizer, data_dir, task, examples=examples,
+                                      batch_size=batch_size, new_tokens=new_tokens,
+                                      sample=sample)
+        r = results[task]
+        print(f"  {task:20s} acc {r['accuracy']:.3f} (n {r['n']}, majority "
+              f"{r['majority']:.3f}) e.g. {r['samples'][:2]}", flush=True)
     return results
 
 

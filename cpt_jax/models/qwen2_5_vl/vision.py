@@ -66,6 +66,14 @@ class VisionInputs(NamedTuple):
             arrays = _pad(arrays, expected, pad_to, config.merge_unit)
         return cls(*(jnp.asarray(a) for a in arrays))
 
+    @classmethod
+    def blank(cls, config: VisionConfig, *, pad_to: int) -> VisionInputs:
+        """One black 2x2-patch image padded to `pad_to`: what a text-only micro-batch carries
+        when it is stacked with image ones (no token reads its features)."""
+        side = config.spatial_merge_size
+        return cls.build(np.zeros((side * side, config.patch_dim), np.float32),
+                         np.asarray([[1, side, side]]), config, pad_to=pad_to)
+
 
 def _pad(arrays: list[np.ndarray], size: int, pad_to: int, unit: int) -> list[np.ndarray]:
     if pad_to < size or pad_to % unit:

@@ -1,0 +1,153 @@
+"""Rollout groups: a prompt with its sampled answers and their scores, and the fixed-shape
+training batches built from a list of them.
+
+Working per group (rather than per prompt batch) is what lets online filtering drop the
+groups that carry no signal and fill the step from later prompt batches: the training batch is
+assembled from whichever groups were kept, padded to the same static shapes every time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, VisionInputs
+from cpt_jax.rl.sampler import Rollout
+
+ScoreFn = Callable[[list[str], list[str]], list[dict[str, float]]]
+
+
+@dataclass
+class Group:
+    """One prompt and its `n` answers. prompt_ids holds the prompt's real tokens (no padding),
+    patches / grids its images; tokens, mask and logprobs are the sampler's [n, max_new]."""
+
+    instance_id: int
+    answer: str
+    prompt_ids: np.ndarray
+    patches: np.ndarray
+    grids: np.ndarray
+    tokens: np.ndarray
+    mask: np.ndarray
+    logprobs: np.ndarray
+    texts: list[str]
+    scores: list[dict[str, float]]
+    task: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rewards(self) -> np.ndarray:
+        return np.asarray([s["overall"] for s in self.scores], np.float32)
+
+    @property
+    def num_correct(self) -> int:
+        return int(sum(s["accuracy"] >= 1.0 for s in self.scores))
+
+    @property
+    def zero_variance(self) -> bool:
+        """All answers got the same reward: GRPO gives them zero advantage, no signal."""
+        rewards = self.rewards
+        return bool(np.all(rewards == rewards[0]))
+
+
+def answer_texts(tokenizer: PreTrainedTokenizerBase, tokens: np.ndarray,
+                 mask: np.ndarray) -> list[str]:
+    """Generated ids [rows, n] -> texts, special tokens (the stop token) dropped."""
+    return [tokenizer.decode(row[keep.astype(bool)].tolist(), skip_special_tokens=True)
+            for row, keep in zip(tokens, mask, strict=True)]
+
+
+def split_into_groups(batch: dict[str, np.ndarray], rollout: Rollout, *,
+                      tokenizer: PreTrainedTokenizerBase, score_fn: ScoreFn,
+                      group_size: int, task: str = "") -> list[Group]:
+    """A pipeline prompt batch and its rollout -> one scored `Group` per valid prompt row."""
+    tokens, mask, logprobs = (np.asarray(x) for x in (rollout.tokens, rollout.mask,
+                                                       rollout.logprobs))
+    texts = answer_texts(tokenizer, tokens, mask)
+    per_image = batch["image_grid_thw"].prod(axis=-1) if len(batch["image_grid_thw"]) else []
+    image_starts = np.concatenate([[0], np.cumsum(batch["image_counts"])])
+    patch_starts = np.concatenate([[0], np.cumsum(per_image)]).astype(int)
+    valid = batch.get("valid", np.ones(len(batch["input_ids"]), bool))
+    groups = []
+    for row in range(batch["input_ids"].shape[0]):
+        if not valid[row]:
+            continue
+        first, last = image_starts[row], image_starts[row + 1]
+        rows = slice(row * group_size, (row + 1) * group_size)
+        answer = str(batch["answer"][row])
+        groups.append(Group(
+            instance_id=int(batch["instance_id"][row]), answer=answer,
+            prompt_ids=batch["input_ids"][row][batch["attention_mask"][row].astype(bool)],
+            patches=batch["pixel_values"][patch_starts[first]:patch_starts[last]],
+            grids=np.asarray(batch["image_grid_thw"][first:last]).reshape(-1, 3),
+            tokens=tokens[rows], mask=mask[rows], logprobs=logprobs[rows], texts=texts[rows],
+            scores=score_fn(texts[rows], [answer] * group_size), task=task))
+    return groups
+
+
+def patch_bucket(patches: int, minimum: int) -> int:
+    """Patch counts padded to a power of two (at least `minimum`): few distinct shapes."""
+    return max(minimum, 1 << max(0, patches - 1).bit_length())
+
+
+def training_batch(groups: Sequence[Group], model: Qwen2_5_VL, *, prompt_length: int,
+                   rows_per_micro_batch: int, min_patches: int = 64,
+                   pad_id: int = 0) -> dict[str, Any]:
+    """Groups -> the GRPO update's input, stacked on a leading micro-batch axis.
+
+    Row k * n + j is answer j of group k: its prompt left-padded to `prompt_length`, then the
+    answer (max_new tokens), so every row has length prompt_length + max_new. Each row carries
+    its own copy of the prompt's images; every micro-batch's patches are padded to the same
+    power-of-two bucket. Returns NumPy arrays: input_ids, positions, attention_mask,
+    response_mask [M, m, L], vision, and sampler_logprobs [M, m, L] (at the answer tokens).
+    """
+    answers = sum(len(g.tokens) for g in groups)
+    if not groups or answers % rows_per_micro_batch:
+        raise ValueError(f"{answers} answers do not split into micro-batches of "
+                         f"{rows_per_micro_batch} rows")
+    if max(len(g.prompt_ids) for g in groups) > prompt_length:
+        raise ValueError(f"a prompt is longer than prompt_length {prompt_length}")
+    rows = [(g, j) for g in groups for j in range(len(g.tokens))]
+    micro = [rows[i:i + rows_per_micro_batch] for i in range(0, len(rows),
+                                                             rows_per_micro_batch)]
+    largest = max(sum(len(g.patches) for g, _ in m) for m in micro)
+    patches = patch_bucket(largest, min_patches) if largest else None
+    prepared = [_micro_batch(m, model, prompt_length, patches, pad_id) for m in micro]
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *prepared)
+
+
+def _micro_batch(rows: Sequence[tuple[Group, int]], model: Qwen2_5_VL, prompt_length: int,
+                 patches: int | None, pad_id: int) -> dict[str, Any]:
+    new = rows[0][0].tokens.shape[1]
+    length = prompt_length + new
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    attention = np.zeros((len(rows), length), np.int32)
+    response = np.zeros((len(rows), length), np.int32)
+    sampler_logprobs = np.zeros((len(rows), length), np.float32)
+    pixels, grids = [], []
+    for i, (group, j) in enumerate(rows):
+        p = len(group.prompt_ids)
+        ids[i, prompt_length - p:prompt_length] = group.prompt_ids
+        attention[i, prompt_length - p:prompt_length] = 1
+        ids[i, prompt_length:] = group.tokens[j]
+        attention[i, prompt_length:] = group.mask[j]
+        response[i, prompt_length:] = group.mask[j]
+        sampler_logprobs[i, prompt_length:] = group.logprobs[j]
+        pixels.append(group.patches)
+        grids.append(group.grids)
+    images = {}
+    if patches is not None and sum(len(g) for g in grids):
+        images = {"pixel_values": np.concatenate(pixels), "pad_patches_to": patches,
+                  "image_grid_thw": np.concatenate(grids)}
+    ids_j, positions, mask, vision, _ = model.prepare_inputs(ids, attention_mask=attention,
+                                                             **images)
+    if vision is None and patches is not None:  # a text-only micro-batch among image ones
+        vision = VisionInputs.blank(model.config.vision, pad_to=patches)
+    return {"input_ids": np.asarray(ids_j), "positions": np.asarray(positions),
+            "attention_mask": np.asarray(mask), "response_mask": response,
+            "sampler_logprobs": sampler_logprobs, "vision": vision}

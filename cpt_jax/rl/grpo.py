@@ -1,0 +1,298 @@
+"""The GRPO step: rollouts -> rewards -> advantages -> old and reference log-probs -> clipped
+policy-gradient updates with a KL term, as EasyR1 runs it.
+
+One step consumes one rollout batch of `prompts_per_step` prompts x `group_size` answers:
+1. the sampler draws the answers (one jitted program), the host decodes and scores them;
+2. with `online_filter`, groups whose answers all got the same reward (no signal) are
+   dropped and later prompt batches are sampled to fill the step (DAPO's dynamic sampling);
+3. GRPO (or RLOO) advantages per group; the training batch is padded to static shapes;
+4. the log-probs of the answers under the policy before the update ("old") and under the
+   reference model, one jitted forward each;
+5. `ppo_epochs` passes over `mini_batches` optimizer updates, each accumulating gradients over
+   micro-batches with `lax.scan`: loss = policy loss + kl_coef x KL, both token means over the
+   micro-batch, divided by the number of micro-batches (EasyR1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from transformers import PreTrainedTokenizerBase
+
+from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL
+from cpt_jax.optim import current_learning_rate
+from cpt_jax.rl import algorithms
+from cpt_jax.rl.groups import Group, ScoreFn, split_into_groups, training_batch
+from cpt_jax.rl.sampler import SamplingConfig, make_sampler, prepare_prompts
+from cpt_jax.sft import TrainState
+
+UpdateBatch = dict[str, Any]
+_MODEL_INPUTS = ("input_ids", "positions", "attention_mask", "vision")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """The algorithm's settings; the defaults are the paper's (DESIGN.md section 1)."""
+
+    group_size: int = 8
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 0.99
+    top_k: int = 0
+    advantage: Literal["grpo", "rloo"] = "grpo"
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_rows: int = 8
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    clip_dual: float = 3.0
+    kl_coef: float = 0.01
+    kl_kind: algorithms.KLKind = "low_var_kl"
+    loss_agg: algorithms.LossAgg = "token-mean"
+    online_filter: bool = False
+    max_fill_batches: int = 4
+    min_patches: int = 64
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be > 1 for GRPO/RLOO, got {self.group_size}")
+        if self.advantage not in ("grpo", "rloo"):
+            raise ValueError(f"advantage must be 'grpo' or 'rloo', got {self.advantage!r}")
+        for name in ("ppo_epochs", "mini_batches", "micro_batch_rows", "max_fill_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, group_size=self.group_size,
+                              temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+    def check_batch(self, prompts_per_step: int) -> None:
+        """The rollout batch must split into mini-batches of whole groups, and those into
+        micro-batches of `micro_batch_rows` answers."""
+        if prompts_per_step % self.mini_batches:
+            raise ValueError(f"prompts per step {prompts_per_step} is not divisible by "
+                             f"mini_batches {self.mini_batches}")
+        rows = prompts_per_step // self.mini_batches * self.group_size
+        if rows % self.micro_batch_rows:
+            raise ValueError(f"a mini-batch of {rows} answers is not divisible by "
+                             f"micro_batch_rows {self.micro_batch_rows}")
+
+
+def token_logprobs(model: Qwen2_5_VL, batch: UpdateBatch, temperature: float
+                   ) -> tuple[jax.Array, jax.Array]:
+    """log softmax(logits / temperature) of every token given the ones before it, and the
+    entropy of that distribution: [b, L] each, entry t for token t (entry 0 is 0)."""
+    logits, _ = model.forward(batch["input_ids"], batch["positions"], batch["attention_mask"],
+                              batch["vision"])
+    logits = logits[:, :-1] / (temperature if temperature > 0 else 1.0)
+    targets = batch["input_ids"][:, 1:]
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    logprobs = target_logits - jax.nn.logsumexp(logits, axis=-1)
+    entropy = algorithms.entropy_from_logits(logits)
+    pad = ((0, 0), (1, 0))
+    return jnp.pad(logprobs, pad), jnp.pad(entropy, pad)
+
+
+def make_logprob_fn(model: nnx.Module, temperature: float
+                    ) -> Callable[[Sequence[nnx.State], UpdateBatch], jax.Array]:
+    """`fn(states, batch) -> logprobs [M, m, L]` over stacked micro-batches, one jitted program
+    (for the old policy's and the reference model's log-probs; no gradients)."""
+    graphdef = nnx.graphdef(model)
+
+    @jax.jit
+    def fn(states: tuple[nnx.State, ...], batch: UpdateBatch) -> jax.Array:
+        model = nnx.merge(graphdef, *states)
+        return jax.lax.map(lambda micro: token_logprobs(model, micro, temperature)[0], batch)
+
+    return lambda states, batch: fn(tuple(states), batch)
+
+
+def grpo_loss(model: Qwen2_5_VL, micro: UpdateBatch, config: GRPOConfig
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One micro-batch's policy loss + kl_coef x KL, and its metrics."""
+    logprobs, entropy = token_logprobs(model, micro, config.temperature)
+    mask = micro["response_mask"]
+    pg_loss, metrics = algorithms.policy_loss(
+        logprobs, micro["old_logprobs"], micro["advantages"], mask, clip_low=config.clip_low,
+        clip_high=config.clip_high, clip_dual=config.clip_dual, loss_agg=config.loss_agg)
+    loss = pg_loss
+    metrics = {**metrics, "pg_loss": pg_loss, "entropy": algorithms.masked_mean(entropy, mask)}
+    if config.kl_coef > 0:
+        kl = algorithms.kl_loss(logprobs, micro["ref_logprobs"], mask, kind=config.kl_kind,
+                                loss_agg=config.loss_agg)
+        loss = loss + config.kl_coef * kl
+        metrics["kl_loss"] = kl
+    return loss, {**metrics, "loss": loss}
+
+
+def make_grpo_update(model: nnx.Module, optimizer: optax.GradientTransformation,
+                     config: GRPOConfig) -> Callable[[TrainState, UpdateBatch],
+                                                     tuple[TrainState, dict[str, jax.Array]]]:
+    """`update(state, batch) -> (state, metrics)`: one optimizer update from stacked
+    micro-batches (`batch` arrays lead with [micro_batches, rows]), jitted, state donated.
+
+    Gradients of loss / micro_batches are summed over the micro-batches (EasyR1); metrics are
+    their means, plus grad_norm (before clipping) and learning_rate.
+    """
+    graphdef = nnx.graphdef(model)
+
+    def update(state: TrainState, batch: UpdateBatch) -> tuple[TrainState, dict[str, jax.Array]]:
+        micro_batches = batch["input_ids"].shape[0]
+
+        def loss_fn(params: nnx.State, micro: UpdateBatch):
+            loss, metrics = grpo_loss(nnx.merge(graphdef, params, state.rest), micro, config)
+            return loss / micro_batches, metrics
+
+        def accumulate(grads, micro):
+            (_, metrics), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params, micro)
+            grads = jax.tree.map(lambda g, m: g + m.astype(jnp.float32), grads, micro_grads)
+            return grads, metrics
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        grads, metrics = jax.lax.scan(accumulate, zeros, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**jax.tree.map(jnp.mean, metrics), "grad_norm": optax.tree.norm(grads),
+                   "learning_rate": current_learning_rate(opt_state)}
+        return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    return jax.jit(update, donate_argnums=0)
+
+
+def group_advantages(groups: Sequence[Group], config: GRPOConfig) -> np.ndarray:
+    """Per-answer advantages [sum of group sizes], prompt-major, by the configured estimator."""
+    rewards = jnp.asarray(np.concatenate([g.rewards for g in groups]))
+    estimate = (algorithms.grpo_advantages if config.advantage == "grpo"
+                else algorithms.rloo_advantages)
+    return np.asarray(estimate(rewards, config.group_size))
+
+
+class GRPOTrainer:
+    """Runs GRPO steps for one model shape: holds the jitted sampler, log-prob and update
+    programs, the reference model's state and the scoring function.
+
+    `reference` is the reference model's state (the stage-0 base in the paper; a previous
+    stage's model is as good), used only when kl_coef > 0.
+    """
+
+    def __init__(self, model: Qwen2_5_VL, optimizer: optax.GradientTransformation,
+                 config: GRPOConfig, *, tokenizer: PreTrainedTokenizerBase, score_fn: ScoreFn,
+                 reference: Sequence[nnx.State] | None = None,
+                 stop_ids: Sequence[int] | None = None):
+        self.config = config
+        self.model_config = model.config
+        self.tokenizer = tokenizer
+        self.score_fn = score_fn
+        self.reference = tuple(reference) if reference is not None else None
+        if config.kl_coef > 0 and self.reference is None:
+            raise ValueError("kl_coef > 0 needs the reference model's state (reference=...)")
+        pad = model.config.pad_token_id
+        self.pad_id = pad if pad is not None else 0
+        stops = list(stop_ids) if stop_ids is not None else _stop_ids(tokenizer)
+        self._template = model  # shape only: prepare_inputs and the graph definition
+        self.sample = make_sampler(model, config.sampling, stop_ids=stops, pad_id=self.pad_id)
+        self.logprobs = make_logprob_fn(model, config.temperature)
+        self.update = make_grpo_update(model, optimizer, config)
+
+    def rollout_groups(self, states: Sequence[nnx.State], batch: dict[str, np.ndarray],
+                       key: jax.Array, task: str = "") -> list[Group]:
+        """Sample and score one prompt batch: one `Group` per valid prompt."""
+        rollout = self.sample(states, prepare_prompts(self._template, batch), key)
+        return split_into_groups(batch, rollout, tokenizer=self.tokenizer,
+                                 score_fn=self.score_fn, group_size=self.config.group_size,
+                                 task=task)
+
+    def collect(self, state: TrainState, prompt_batches: Iterator[dict[str, np.ndarray]],
+                key: jax.Array, task: str = "") -> tuple[list[Group], dict[str, float], int]:
+        """The step's groups: one prompt batch, or with online filtering as many as it takes
+        (at most max_fill_batches) to fill it with groups whose rewards differ; if they run
+        out, dropped groups fill the rest (zero advantage) and `filter/filled` counts them.
+        Also returns the widest prompt batch's padded length."""
+        states = (state.params, state.rest)
+        kept, dropped, sampled, wanted, width = [], [], 0, None, 0
+        while wanted is None or (len(kept) < wanted and sampled < self.config.max_fill_batches):
+            batch = next(prompt_batches)
+            wanted = wanted or int(batch["valid"].sum() if "valid" in batch
+                                   else len(batch["input_ids"]))
+            width = max(width, batch["input_ids"].shape[1])
+            key, sub = jax.random.split(key)
+            groups = self.rollout_groups(states, batch, sub, task)
+            sampled += 1
+            if not self.config.online_filter:
+                kept = groups
+                break
+            kept += [g for g in groups if not g.zero_variance]
+            dropped += [g for g in groups if g.zero_variance]
+        filled = max(0, wanted - len(kept))
+        chosen = kept[:wanted] + dropped[:filled]
+        every = kept + dropped
+        stats = {"filter/prompt_batches": float(sampled),
+                 "filter/kept_fraction": len(kept) / max(1, len(every)),
+                 "filter/filled": float(filled)}
+        return chosen, stats, width
+
+    def step(self, state: TrainState, prompt_batches: Iterator[dict[str, np.ndarray]],
+             key: jax.Array, task: str = "") -> tuple[TrainState, dict[str, float], list[Group]]:
+        """One GRPO step; returns the new state, the step's metrics and its scored groups."""
+        config = self.config
+        groups, metrics, prompt_length = self.collect(state, prompt_batches, key, task)
+        config.check_batch(len(groups))
+        advantages = group_advantages(groups, config)
+        per_mini = len(groups) // config.mini_batches
+        minis = []
+        for k in range(config.mini_batches):
+            chosen = groups[k * per_mini:(k + 1) * per_mini]
+            batch = training_batch(chosen, self._template, prompt_length=prompt_length,
+                                   rows_per_micro_batch=config.micro_batch_rows,
+                                   min_patches=config.min_patches, pad_id=self.pad_id)
+            rows = slice(k * per_mini * config.group_size, (k + 1) * per_mini * config.group_size)
+            batch["advantages"] = advantages[rows].reshape(batch["input_ids"].shape[:2])
+            batch.pop("sampler_logprobs")
+            inputs = {k: batch[k] for k in _MODEL_INPUTS}  # one pytree: one program
+            batch["old_logprobs"] = self.logprobs((state.params, state.rest), inputs)
+            if config.kl_coef > 0:
+                batch["ref_logprobs"] = self.logprobs(self.reference, inputs)
+            minis.append(batch)
+        update_metrics = []
+        for _ in range(config.ppo_epochs):
+            for batch in minis:
+                state, m = self.update(state, batch)
+                update_metrics.append(m)
+        metrics.update({f"actor/{k}": float(np.mean([float(m[k]) for m in update_metrics]))
+                        for k in update_metrics[0]})
+        metrics.update(rollout_metrics(groups))
+        return state, metrics, groups
+
+
+def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:
+    """Reward mean / std, accuracy, format rate, answer length, share of answers cut off."""
+    scores = [s for g in groups for s in g.scores]
+    rewards = np.asarray([s["overall"] for s in scores])
+    lengths = np.concatenate([g.mask.sum(-1) for g in groups])
+    budget = groups[0].mask.shape[1]
+    return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+            "reward/accuracy": float(np.mean([s["accuracy"] for s in scores])),
+            "reward/format": float(np.mean([s["format"] for s in scores])),
+            "response/length": float(lengths.mean()),
+            "response/clip_ratio": float(np.mean(lengths >= budget)),
+            "reward/zero_variance_groups": float(np.mean([g.zero_variance for g in groups]))}
+
+
+def _stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Qwen's end-of-turn and end-of-text tokens, whichever the tokenizer has."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    ids = [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+    if not ids:
+        raise ValueError("the tokenizer has neither <|im_end|> nor <|endoftext|>: pass stop_ids")
+    return ids

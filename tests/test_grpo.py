@@ -1,0 +1,184 @@
+"""The GRPO step on the tiny preset and the synthetic benchmark: the update batch's log-probs
+against the sampler's, the first update's loss against the formula, online filtering with
+backfill, and one compilation for many steps."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from cpt_jax.data import build
+from cpt_jax.data.pipeline import EncodeOptions, rl_dataset
+from cpt_jax.data.sources import load_source
+from cpt_jax.data.synthetic import SYNTHETIC_MAX_PIXELS, SYNTHETIC_MIN_PIXELS
+from cpt_jax.data.tasks import reward_fn
+from cpt_jax.data.tokenizer import build_tokenizer, preset_special_tokens
+from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset
+from cpt_jax.optim import make_optimizer
+from cpt_jax.rl import grpo
+from cpt_jax.rl.groups import training_batch
+from cpt_jax.rl.grpo import GRPOConfig, GRPOTrainer, group_advantages, make_logprob_fn
+from cpt_jax.sft import TrainState
+
+TASK = "syn_count"
+CONFIG = preset("tiny")
+# One token bucket, and patch floors that hold every batch: one compiled program each.
+OPTIONS = EncodeOptions(length_buckets=(384,), min_pixels=SYNTHETIC_MIN_PIXELS,
+                        max_pixels=SYNTHETIC_MAX_PIXELS, min_patches=128)
+GRPO = GRPOConfig(group_size=4, max_new_tokens=6, micro_batch_rows=4, min_patches=256,
+                  kl_coef=0.01)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tfds")
+    assert build.main(["--synthetic", "--train", "24", "--test", "4", "--data-dir",
+                       str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data_dir):
+    corpus = [e["problem"] for e in load_source(TASK, "train", data_dir=data_dir)]
+    return build_tokenizer(vocab_size=CONFIG.text.vocab_size,
+                           special_token_ids=preset_special_tokens(CONFIG), corpus=corpus)
+
+
+def _prompt_batches(data_dir, tokenizer, seed=0):
+    return iter(rl_dataset(load_source(TASK, "train", data_dir=data_dir), task=TASK,
+                           tokenizer=tokenizer, batch_size=2, seed=seed, options=OPTIONS))
+
+
+def _trainer(tokenizer, config=GRPO, score_fn=None, seed=0):
+    model = Qwen2_5_VL(CONFIG, rngs=nnx.Rngs(seed))
+    optimizer = make_optimizer(learning_rate=1e-3, total_steps=10)
+    reference = nnx.split(model, nnx.Param, ...)[1:]
+    reference = jax.tree.map(lambda x: x.copy(), reference)  # the state is donated
+    trainer = GRPOTrainer(model, optimizer, config, tokenizer=tokenizer,
+                          score_fn=score_fn or reward_fn(TASK), reference=reference)
+    return model, trainer, TrainState.create(model, optimizer)
+
+
+def test_update_batch_logprobs_equal_the_sampler(data_dir, tokenizer):
+    """The training batch (prompts re-padded, images copied per answer) gives the sampled
+    tokens the log-probs the sampler drew them with."""
+    model, trainer, state = _trainer(tokenizer)
+    groups = trainer.rollout_groups((state.params, state.rest),
+                                    next(_prompt_batches(data_dir, tokenizer)), jax.random.key(1))
+    assert len(groups) == 2 and all(len(g.grids) == 1 for g in groups)
+    batch = training_batch(groups, model, prompt_length=384, rows_per_micro_batch=4,
+                           min_patches=256, pad_id=CONFIG.pad_token_id)
+    assert batch["input_ids"].shape == (2, 4, 390)
+    logprobs = np.asarray(make_logprob_fn(model, GRPO.temperature)((state.params, state.rest),
+                                                                   batch))
+    mask = batch["response_mask"].astype(bool)
+    diff = np.abs(logprobs - batch["sampler_logprobs"])[mask].max()
+    print(f"max |update batch - sampler log-prob| = {diff:.2e} over {mask.sum()} tokens")
+    assert diff <= 1e-4
+    assert mask.sum() == sum(int(g.mask.sum()) for g in groups)
+
+
+def _rigged_scores(texts, answers):
+    """Even answers: every reply scores 0 (a zero-variance group); odd: 1, 0, 1, 0."""
+    if int(answers[0]) % 2 == 0:
+        return [{"overall": 0.0, "format": 0.0, "accuracy": 0.0} for _ in texts]
+    return [{"overall": float(i % 2 == 0), "format": 0.0, "accuracy": float(i % 2 == 0)}
+            for i in range(len(texts))]
+
+
+def test_first_update_matches_the_formula(data_dir, tokenizer):
+    """Old policy = reference = current, so the ratio is 1 and the KL 0: the policy loss of
+    each micro-batch is minus the token mean of its advantages, nothing is clipped."""
+    _, trainer, state = _trainer(tokenizer, score_fn=_rigged_scores)
+    state, metrics, groups = trainer.step(state, _prompt_batches(data_dir, tokenizer),
+                                          jax.random.key(2))
+    advantages = group_advantages(groups, GRPO).reshape(-1, 4)  # one group per micro-batch
+    expected = [-np.repeat(a, g.mask.sum(-1)).mean()
+                for a, g in zip(advantages, groups, strict=True)]
+    assert metrics["actor/pg_loss"] == pytest.approx(float(np.mean(expected)), abs=1e-5)
+    assert metrics["actor/ppo_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["actor/kl_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["actor/pg_clipfrac_higher"] == metrics["actor/pg_clipfrac_lower"] == 0.0
+    assert int(state.step) == 1 and np.isfinite(metrics["actor/grad_norm"])
+    for key in ("reward/mean", "reward/std", "reward/accuracy", "reward/format",
+                "response/length", "actor/entropy", "actor/learning_rate"):
+        assert np.isfinite(metrics[key]), key
+
+
+def test_online_filter_drops_zero_variance_groups_and_backfills(data_dir, tokenizer):
+    config = GRPOConfig(**{**GRPO.__dict__, "online_filter": True, "max_fill_batches": 12})
+    _, trainer, state = _trainer(tokenizer, config=config, score_fn=_rigged_scores)
+    answers = [int(a) for b in itertools.islice(_prompt_batches(data_dir, tokenizer), 12)
+               for a in b["answer"]]
+    groups, stats, _ = trainer.collect(state, _prompt_batches(data_dir, tokenizer),
+                                       jax.random.key(0))
+    odd_positions = [i for i, a in enumerate(answers) if a % 2]
+    assert len(odd_positions) >= 2, answers
+    assert [int(g.answer) % 2 for g in groups] == [1, 1]
+    assert stats["filter/prompt_batches"] == odd_positions[1] // 2 + 1
+    assert stats["filter/filled"] == 0
+    state, metrics, groups = trainer.step(state, _prompt_batches(data_dir, tokenizer),
+                                          jax.random.key(0))
+    assert metrics["reward/zero_variance_groups"] == 0.0
+
+
+def test_filter_fills_with_dropped_groups_when_the_budget_runs_out(data_dir, tokenizer):
+    config = GRPOConfig(**{**GRPO.__dict__, "online_filter": True, "max_fill_batches": 1})
+    _, trainer, state = _trainer(tokenizer, config=config,
+                                 score_fn=lambda t, a: _rigged_scores(t, ["0"] * len(a)))
+    groups, stats, _ = trainer.collect(state, _prompt_batches(data_dir, tokenizer),
+                                       jax.random.key(0))
+    assert len(groups) == 2 and stats["filter/filled"] == 2
+    assert stats["filter/kept_fraction"] == 0.0
+
+
+def test_steps_compile_once(data_dir, tokenizer, monkeypatch):
+    """Three steps on new prompts: the log-prob program and the update trace once each."""
+    traces: list[int] = []
+    token_logprobs = grpo.token_logprobs
+
+    def counted(*args):
+        traces.append(1)
+        return token_logprobs(*args)
+
+    monkeypatch.setattr(grpo, "token_logprobs", counted)
+    _, trainer, state = _trainer(tokenizer)
+    batches = _prompt_batches(data_dir, tokenizer)
+    rewards = []
+    for step in range(3):
+        state, metrics, _ = trainer.step(state, batches, jax.random.key(step))
+        rewards.append(metrics["reward/mean"])
+    assert len(traces) == 2  # old/ref log-probs (same program), the update's loss
+    assert int(state.step) == 3
+
+
+def test_rloo_and_several_mini_batches_and_epochs(data_dir, tokenizer):
+    """4 prompts, 2 mini-batches, 2 epochs: 4 optimizer updates; the second epoch's ratios
+    move away from 1 (ppo_kl > 0)."""
+    config = GRPOConfig(**{**GRPO.__dict__, "advantage": "rloo", "mini_batches": 2,
+                           "ppo_epochs": 2, "kl_coef": 0.0})
+    model = Qwen2_5_VL(CONFIG, rngs=nnx.Rngs(0))
+    optimizer = make_optimizer(learning_rate=1e-2, total_steps=10)
+    trainer = GRPOTrainer(model, optimizer, config, tokenizer=tokenizer,
+                          score_fn=_rigged_scores)
+    state = TrainState.create(model, optimizer)
+    prompts = rl_dataset(load_source(TASK, "train", data_dir=data_dir), task=TASK,
+                         tokenizer=tokenizer, batch_size=4, seed=3, options=OPTIONS)
+    state, metrics, _ = trainer.step(state, iter(prompts), jax.random.key(0))
+    assert int(state.step) == 4
+    assert metrics["actor/ppo_kl"] != 0.0 and "actor/kl_loss" not in metrics
+
+
+def test_bad_configs_name_the_field():
+    for kwargs, field in (({"group_size": 1}, "group_size"), ({"advantage": "ppo"}, "advantage"),
+                          ({"mini_batches": 0}, "mini_batches"), ({"kl_coef": -1}, "kl_coef")):
+        with pytest.raises(ValueError, match=field):
+            GRPOConfig(**kwargs)
+    with pytest.raises(ValueError, match="mini_batches"):
+        GRPOConfig(mini_batches=3).check_batch(4)
+    with pytest.raises(ValueError, match="micro_batch_rows"):
+        GRPOConfig(group_size=4, micro_batch_rows=3).check_batch(2)
