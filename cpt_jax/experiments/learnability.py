@@ -101,12 +101,13 @@ def greedy_sampler(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase,
 
 def evaluate_task(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase, data_dir: Path,
                   task: str, *, examples: int, batch_size: int, new_tokens: int,
-                  sample: Callable[..., Rollout] | None = None) -> dict[str, Any]:
-    """Greedy exact-match accuracy on the first `examples` test rows of `task`, with the
+                  sample: Callable[..., Rollout] | None = None,
+                  split: str = "test") -> dict[str, Any]:
+    """Greedy exact-match accuracy on the first `examples` rows of `task`'s `split`, with the
     majority baseline (share of the most frequent answer) and a few sample predictions."""
     sample = sample or greedy_sampler(model, tokenizer, new_tokens)
     states = nnx.split(model)[1:]
-    source = load_source(task, "test", data_dir=data_dir)
+    source = load_source(task, split, data_dir=data_dir)
     source = source[:min(examples, len(source))]
     correct, answers, samples = 0, [], []
     for batch in eval_dataset(source, task=task, tokenizer=tokenizer, batch_size=batch_size,
@@ -225,7 +226,7 @@ tokens, stop at
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    started = time.perf_counter()
+    started, commit = time.perf_counter(), _commit()  # the code that runs, not later commits
     args.out.mkdir(parents=True, exist_ok=True)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="learnability_tfds_"))
     try:
@@ -265,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds_per_step": per_step, "seconds": time.perf_counter() - started,
         "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])),
         "device": f"{jax.devices()[0].platform} ({jax.device_count()} device(s))",
-        "commit": _commit(),
+        "commit": commit,
         "command": " ".join(["python -m cpt_jax.experiments.learnability",
                              *(argv if argv is not None else sys.argv[1:])]),
         "tasks": tasks,
