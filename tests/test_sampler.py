@@ -251,3 +251,25 @@ def test_bad_sampling_configs_name_the_field():
                           ({"max_new_tokens": 4, "top_k": -2}, "top_k")):
         with pytest.raises(ValueError, match=field):
             SamplingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 0.3, 0.9, 0.99, 0.9999])
+def test_nucleus_equals_the_sorted_cumulative_definition(top_p):
+    """The bisection nucleus against the textbook one: sort, keep tokens until the mass
+    before them reaches top_p. Peaked and flat rows, a vocabulary of 8192."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((64, 8192)) * rng.choice([0.1, 1.0, 5.0], (64, 1))
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    ordered = np.take_along_axis(probs, order, -1).astype(np.float64)
+    kept_sorted = (np.cumsum(ordered, -1) - ordered) < top_p
+    expected = np.zeros_like(kept_sorted)
+    np.put_along_axis(expected, order, kept_sorted, -1)
+    mask = np.asarray(sampler_module._nucleus(jnp.asarray(probs), top_p))
+    if top_p <= 0.99:
+        assert (mask == expected).all()
+    # Near 1 the tail's tokens are closer than float32 sums resolve: check the definition
+    # itself (enough mass, and none to spare beyond the smallest kept token) within 1e-6.
+    mass = np.where(mask, probs, 0).astype(np.float64).sum(-1)
+    smallest = np.where(mask, probs, np.inf).min(-1)
+    assert (mass >= top_p - 1e-6).all() and (mass - smallest < top_p + 1e-6).all()
