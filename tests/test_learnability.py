@@ -12,9 +12,11 @@ def test_learnability_writes_results_and_table(tmp_path):
     out = tmp_path / "report"
     assert learnability.main(["--out", str(out), "--preset", "tiny", "--steps", "3",
                               "--eval-examples", "8", "--train-examples", "8",
-                              "--new-tokens", "2", "--data-dir", str(tmp_path / "tfds")]) == 0
+                              "--new-tokens", "2", "--caption-weight", "1",
+                              "--data-dir", str(tmp_path / "tfds")]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["preset"] == "tiny" and results["steps"] == 3
+    assert results["caption_weight"] == 1
     assert set(results["tasks"]) == set(SYNTHETIC_STAGES + SYNTHETIC_GENERAL)
     for task, row in results["tasks"].items():
         assert row["n"] == 8, task
@@ -22,6 +24,6 @@ def test_learnability_writes_results_and_table(tmp_path):
             assert 0.0 <= row[key] <= 1.0, (task, key)
         assert row["majority"] > 0.0, task
     readme = (out / "README.md").read_text()
-    assert "| task | paper analogue |" in readme
+    assert "| task | paper analogue |" in readme and "1 syn_caption batches" in readme
     for task in results["tasks"]:
         assert f"| {task} |" in readme

@@ -21,6 +21,7 @@ from scipy import ndimage
 from cpt_jax.data.synthetic import (
     COLOURS,
     SYNTHETIC_GENERAL,
+    SYNTHETIC_PRETRAIN,
     SYNTHETIC_STAGES,
     WORDS,
     contact_sheet,
@@ -30,7 +31,7 @@ from cpt_jax.data.synthetic import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = SYNTHETIC_STAGES + SYNTHETIC_GENERAL
+TASKS = SYNTHETIC_STAGES + SYNTHETIC_GENERAL + SYNTHETIC_PRETRAIN
 LETTER_TASKS = {"syn_choice", "syn_general_arith"}
 YES_NO_TASKS = {"syn_texture", "syn_general_pope"}
 COLOUR_NAMES = {rgb: name for name, rgb in COLOURS.items()}
@@ -51,6 +52,7 @@ def test_task_names_in_paper_order():
         "syn_count",
     )
     assert SYNTHETIC_GENERAL == ("syn_general_pope", "syn_general_arith")
+    assert SYNTHETIC_PRETRAIN == ("syn_caption",)
     assert len(set(WORDS)) == 50
 
 
@@ -142,17 +144,25 @@ def _count(problem: str, pixels: np.ndarray) -> str:
     return str(len(objects))
 
 
-def _texture(problem: str, pixels: np.ndarray) -> str:
+def _texture_name(pixels: np.ndarray) -> str:
     """Stripes: every row (or every column) is one colour; dots cover far less of the tile
     than their background, checks about half."""
     _, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
     if len(counts) == 1:
-        texture = "plain"
-    elif (pixels == pixels[:, :1]).all() or (pixels == pixels[:1]).all():
-        texture = "striped"
-    else:
-        texture = "dotted" if counts.min() / counts.sum() < 0.3 else "checkered"
-    return "yes" if f"texture {texture}?" in problem else "no"
+        return "plain"
+    if (pixels == pixels[:, :1]).all() or (pixels == pixels[:1]).all():
+        return "striped"
+    return "dotted" if counts.min() / counts.sum() < 0.3 else "checkered"
+
+
+def _texture(problem: str, pixels: np.ndarray) -> str:
+    return "yes" if f"texture {_texture_name(pixels)}?" in problem else "no"
+
+
+def _scene(pixels: np.ndarray) -> str:
+    """The objects' colours and shapes in reading order (row of grid cells, then column)."""
+    cells = sorted(_objects(pixels), key=lambda o: (o[3] // 28, o[2] // 28))
+    return ", ".join(f"{colour} {shape}" for colour, shape, *_ in cells)
 
 
 def _colour_of(problem: str, pixels: np.ndarray) -> str:
@@ -194,6 +204,23 @@ def test_answers_agree_with_the_pixels(task, oracle):
             assert oracle(row["problem"], _pixels(row)) == row["answer"], row["problem"]
 
 
+def test_captions_agree_with_the_pixels():
+    """Tiles by the texture oracle, scenes by the object oracle, words by the word list."""
+    kinds = Counter()
+    for row in generate("syn_caption", split="train", num=90, seed=5):
+        answer, pixels = row["answer"], _pixels(row)
+        if answer.startswith("the word "):
+            assert answer.removeprefix("the word ") in WORDS
+            kinds["word"] += 1
+        elif answer.endswith(" texture"):
+            assert answer == f"{_texture_name(pixels)} texture"
+            kinds["texture"] += 1
+        else:
+            assert answer == _scene(pixels)
+            kinds["scene"] += 1
+    assert kinds == {"word": 30, "texture": 30, "scene": 30}, kinds
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -230,7 +257,8 @@ def test_command_line(tmp_path):
     command += ["--train", "4", "--test", "2"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("rows") == 2 * len(SYNTHETIC_STAGES) + len(SYNTHETIC_GENERAL)
+    expected = 2 * len(SYNTHETIC_STAGES) + len(SYNTHETIC_GENERAL) + 2 * len(SYNTHETIC_PRETRAIN)
+    assert result.stdout.count("rows") == expected
 
 
 def test_unknown_task_or_split():

@@ -11,6 +11,7 @@ from cpt_jax.data.tasks import (
     PAPER_GENERAL,
     PAPER_STAGES,
     SYNTHETIC_GENERAL,
+    SYNTHETIC_PRETRAIN,
     SYNTHETIC_STAGES,
     TASKS,
     Task,
@@ -23,11 +24,13 @@ from cpt_jax.data.tasks import (
 GROUPS = {
     "stage": (PAPER_STAGES, SYNTHETIC_STAGES),
     "general": (PAPER_GENERAL, SYNTHETIC_GENERAL),
+    "pretrain": ((), SYNTHETIC_PRETRAIN),
 }
 
 
 def test_every_listed_name_resolves_with_its_role():
     listed = PAPER_STAGES + PAPER_GENERAL + SYNTHETIC_STAGES + SYNTHETIC_GENERAL
+    listed += SYNTHETIC_PRETRAIN
     assert sorted(listed) == sorted(TASKS)
     for role, groups in GROUPS.items():
         for name in groups[0] + groups[1]:

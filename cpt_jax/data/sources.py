@@ -8,7 +8,7 @@ from typing import Any
 import grain
 import tensorflow_datasets as tfds
 
-from cpt_jax.data.tasks import SYNTHETIC_GENERAL, SYNTHETIC_STAGES, get_task
+from cpt_jax.data.tasks import SYNTHETIC_GENERAL, SYNTHETIC_PRETRAIN, SYNTHETIC_STAGES, get_task
 from cpt_jax.data.tfds_builder import CptJax, build_report
 
 
@@ -39,7 +39,7 @@ def load_source(task: str, split: str, *, data_dir: os.PathLike | str) -> grain.
     data_dir = os.fspath(data_dir)
     what = (
         "--synthetic"
-        if task in SYNTHETIC_STAGES + SYNTHETIC_GENERAL
+        if task in SYNTHETIC_STAGES + SYNTHETIC_GENERAL + SYNTHETIC_PRETRAIN
         else f"--task {task} --source DIR"
     )
     hint = f"run: python -m cpt_jax.data.build {what} --data-dir {data_dir}"

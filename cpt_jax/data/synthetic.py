@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from cpt_jax.data.tasks import SYNTHETIC_GENERAL, SYNTHETIC_STAGES
+from cpt_jax.data.tasks import SYNTHETIC_GENERAL, SYNTHETIC_PRETRAIN, SYNTHETIC_STAGES
 
 SYNTHETIC_MIN_PIXELS = 56 * 56
 SYNTHETIC_MAX_PIXELS = 112 * 112
@@ -241,6 +241,14 @@ def _choice(rng: np.random.Generator, index: int) -> Draft:
 
 def _ocr(rng: np.random.Generator, index: int) -> Draft:
     """TextVQA analogue: read a word; the prompt lists it among two distractor OCR tokens."""
+    image, word = _word_image(rng)
+    tokens = [word, *_pick(rng, [w for w in WORDS if w != word], 2)]
+    tokens = _pick(rng, tokens, 3)
+    return f"What word is written in the image?\nReading: {' '.join(tokens)}", word, image
+
+
+def _word_image(rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """A word from WORDS written on a small canvas (sometimes upper-case, on a sign board)."""
     image = _canvas(rng, widths=(84, 112), heights=(56, 84))
     word = _pick(rng, WORDS)
     text = word.upper() if rng.random() < 0.3 else word
@@ -256,9 +264,7 @@ def _ocr(rng: np.random.Generator, index: int) -> Draft:
             width=1,
         )
     _write(image, text, (x, y), _pick(rng, INKS), scale)
-    tokens = [word, *_pick(rng, [w for w in WORDS if w != word], 2)]
-    tokens = _pick(rng, tokens, 3)
-    return f"What word is written in the image?\nReading: {' '.join(tokens)}", word, image
+    return image, word
 
 
 def _unanswerable(rng: np.random.Generator, index: int) -> Draft:
@@ -363,6 +369,12 @@ def _texture(rng: np.random.Generator, index: int) -> Draft:
     width, height = _pick(rng, _SIDES), _pick(rng, _SIDES)
     asked = _pick(rng, list(TEXTURES))
     actual = asked if index % 2 == 0 else _pick(rng, [t for t in TEXTURES if t != asked])
+    question = f"Is the texture {asked}?"
+    return question, "yes" if actual == asked else "no", _tile(rng, actual, width, height)
+
+
+def _tile(rng: np.random.Generator, actual: str, width: int, height: int) -> Image.Image:
+    """A width x height tile with the texture `actual` (a TEXTURES key) in random colours."""
     yy, xx = np.indices((height, width))
     kind = TEXTURES[actual]
     if kind == "stripes":
@@ -385,8 +397,7 @@ def _texture(rng: np.random.Generator, index: int) -> Draft:
     if kind == "plain" and rng.random() < 0.5:  # plain tiles in either tone
         bg = fg
     pixels = np.where(mask[..., None], fg, bg).astype(np.uint8)
-    question = f"Is the texture {asked}?"
-    return question, "yes" if actual == asked else "no", Image.fromarray(pixels)
+    return Image.fromarray(pixels)
 
 
 def _count(rng: np.random.Generator, index: int) -> Draft:
@@ -434,6 +445,28 @@ def _arith(rng: np.random.Generator, index: int) -> Draft:
     return f"What is {a} {op} {b}?\n{options}", answer, None
 
 
+def _caption(rng: np.random.Generator, index: int) -> Draft:
+    """Base-mixture pre-training (no paper stage): describe the image. Many supervised tokens
+    per image, where a stage task gives one answer: every object's colour and shape in reading
+    order (row by row, left to right), a tile's texture, or the written word."""
+    kind = index % 3
+    if kind == 0:
+        image = _canvas(rng)
+        n = int(rng.integers(1, 5))
+        objs = _place(rng, image, [_pick(rng, SHAPES) for _ in range(n)],
+                      [_pick(rng, _COLOUR_NAMES) for _ in range(n)])
+        objs = sorted(objs, key=lambda o: (o.y // CELL, o.x // CELL))
+        return CAPTION_QUESTION, ", ".join(f"{o.colour} {o.shape}" for o in objs), image
+    if kind == 1:
+        width, height = _pick(rng, _SIDES), _pick(rng, _SIDES)
+        actual = _pick(rng, list(TEXTURES))
+        return CAPTION_QUESTION, f"{actual} texture", _tile(rng, actual, width, height)
+    image, word = _word_image(rng)
+    return CAPTION_QUESTION, f"the word {word}", image
+
+
+CAPTION_QUESTION = "Describe the image."
+
 _TASKS: dict[str, Callable[[np.random.Generator, int], Draft]] = {
     "syn_choice": _choice,
     "syn_ocr": _ocr,
@@ -444,6 +477,7 @@ _TASKS: dict[str, Callable[[np.random.Generator, int], Draft]] = {
     "syn_count": _count,
     "syn_general_pope": _pope,
     "syn_general_arith": _arith,
+    "syn_caption": _caption,
 }
 
 
@@ -505,9 +539,10 @@ def write_parquet(task: str, split: str, num: int, seed: int, out_dir: str | Pat
 def write_benchmark(
     out_dir: str | Path, *, train: int = 2000, test: int = 200, seed: int = 0
 ) -> dict[str, dict[str, Path]]:
-    """Every stage task's train and test split, and the general tasks' test split."""
+    """Every stage and pre-training task's train and test split, and the general tasks' test
+    split."""
     paths: dict[str, dict[str, Path]] = {}
-    for task in SYNTHETIC_STAGES + SYNTHETIC_GENERAL:
+    for task in SYNTHETIC_STAGES + SYNTHETIC_GENERAL + SYNTHETIC_PRETRAIN:
         sizes = {"test": test} if task in SYNTHETIC_GENERAL else {"train": train, "test": test}
         paths[task] = {s: write_parquet(task, s, n, seed, out_dir) for s, n in sizes.items()}
     return paths

@@ -16,7 +16,7 @@ from typing import Literal, get_args
 from cpt_jax.rewards import compute_score, compute_score_no_cot
 
 AnswerType = Literal["letter", "phrase", "number", "yesno", "word"]
-Role = Literal["stage", "general"]
+Role = Literal["stage", "general", "pretrain"]
 ScoreFn = Callable[[list[str], list[str]], list[dict[str, float]]]
 
 # EasyR1's format prompt (`{{ content | trim }}` followed by this suffix), as the paper used it.
@@ -58,6 +58,8 @@ SYNTHETIC_STAGES = (
     "syn_count",
 )
 SYNTHETIC_GENERAL = ("syn_general_pope", "syn_general_arith")
+# Dense supervision for a base model trained from scratch; no stage trains on it.
+SYNTHETIC_PRETRAIN = ("syn_caption",)
 
 _ALL = (
     # The paper's stages, in training order.
@@ -82,6 +84,7 @@ _ALL = (
     Task("syn_count", "superclevr", "number", "stage", "count the shapes of one colour"),
     Task("syn_general_pope", "pope", "yesno", "general", "does an object of a kind exist?"),
     Task("syn_general_arith", "mmlu_pro", "letter", "general", "text-only arithmetic choice"),
+    Task("syn_caption", "none", "phrase", "pretrain", "describe the scene, tile or word"),
 )
 TASKS: dict[str, Task] = {task.name: task for task in _ALL}
 

@@ -40,6 +40,7 @@ from cpt_jax.data.tasks import (
     COT_SUFFIX,
     NO_COT_SUFFIX,
     SYNTHETIC_GENERAL,
+    SYNTHETIC_PRETRAIN,
     SYNTHETIC_STAGES,
     get_task,
 )
@@ -68,6 +69,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-examples", type=int, default=500, help="train rows per task")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--caption-weight", type=int, default=0,
+                        help="syn_caption batches per round of the seven stage tasks' batches")
     parser.add_argument("--new-tokens", type=int, default=8, help="greedy decoding budget")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype (parameters stay float32)")
@@ -75,15 +78,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="where to build the benchmark (default: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.caption_weight < 0:
+        parser.error("--caption-weight must be >= 0")
     if min(args.steps, args.eval_examples, args.train_examples, args.new_tokens) < 1:
         parser.error("--steps, --eval-examples, --train-examples and --new-tokens must be >= 1")
     return args
 
 
 def make_tokenizer(config: Any, data_dir: Path) -> PreTrainedTokenizerBase:
-    """A BPE for the preset trained on the stage tasks' train problems, answers and suffixes."""
+    """A BPE for the preset trained on the stage and pre-training tasks' train problems,
+    answers and the prompt suffixes."""
     corpus = [COT_SUFFIX, NO_COT_SUFFIX]
-    for task in SYNTHETIC_STAGES:
+    for task in SYNTHETIC_STAGES + SYNTHETIC_PRETRAIN:
         for example in load_source(task, "train", data_dir=data_dir):
             corpus += [example["problem"], example["answer"]]
     return build_tokenizer(vocab_size=config.text.vocab_size,
@@ -143,14 +149,17 @@ def evaluate(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase, data_dir: Pa
 
 
 def mixture(tokenizer: PreTrainedTokenizerBase, data_dir: Path, *, batch_size: int,
-            seed: int) -> Iterator[dict[str, np.ndarray]]:
-    """SFT batches of the seven stage tasks, one task per batch, round-robin."""
-    iterators = [iter(sft_dataset(load_source(task, "train", data_dir=data_dir), task=task,
-                                  tokenizer=tokenizer, batch_size=batch_size, seed=seed + i,
-                                  options=OPTIONS))
-                 for i, task in enumerate(SYNTHETIC_STAGES)]
-    for iterator in itertools.cycle(iterators):
-        yield next(iterator)
+            seed: int, caption_weight: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """SFT batches of the seven stage tasks, one task per batch, round-robin; with
+    `caption_weight` W, each round also has W batches of syn_caption (dense descriptions)."""
+    tasks = SYNTHETIC_STAGES + SYNTHETIC_PRETRAIN
+    iterators = {task: iter(sft_dataset(load_source(task, "train", data_dir=data_dir),
+                                        task=task, tokenizer=tokenizer, batch_size=batch_size,
+                                        seed=seed + i, options=OPTIONS))
+                 for i, task in enumerate(tasks[:len(SYNTHETIC_STAGES) + bool(caption_weight)])}
+    order = list(SYNTHETIC_STAGES) + list(SYNTHETIC_PRETRAIN) * caption_weight
+    for task in itertools.cycle(order):
+        yield next(iterators[task])
 
 
 def train(model: Qwen2_5_VL, batches: Iterator[dict[str, np.ndarray]], *, steps: int,
@@ -200,11 +209,13 @@ def write_readme(path: Path, results: dict[str, Any]) -> None:
     outcome = (f"Stage tasks whose trained accuracy beats both the untrained model and the "
                f"majority baseline: {', '.join(improved) or 'none'}. "
                f"Stage tasks that do not, in this budget: {', '.join(trivial) or 'none'}.")
+    weight = results.get("caption_weight", 0)
+    captions = f", and {weight} syn_caption batches per round of seven" if weight else ""
     text = f"""# Synthetic benchmark: learnability by the `{results['preset']}` model
 
 - Command: `{results['command']}` (commit `{results['commit']}`).
 - Training: SFT on the round-robin mixture of the seven stage tasks' train splits (one task
-  per batch), batch {results['batch_size']}, {results['steps']} steps, AdamW lr \
+  per batch{captions}), batch {results['batch_size']}, {results['steps']} steps, AdamW lr \
 {results['learning_rate']:g} with warm-up 0.1 and cosine decay, {results['dtype']} compute;
   {results['seconds_per_step']:.2f} s per step, {results['seconds']:.0f} s for the whole run on \
 {results['device']}. Training loss {results['first_loss']:.3f} at the first step, \
@@ -244,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("untrained:", flush=True)
         before = evaluate(model, tokenizer, data_dir, **eval_kw)
         print(f"training {args.steps} steps:", flush=True)
-        batches = mixture(tokenizer, data_dir, batch_size=args.batch_size, seed=args.seed)
+        batches = mixture(tokenizer, data_dir, batch_size=args.batch_size, seed=args.seed,
+                          caption_weight=args.caption_weight)
         model, losses, per_step = train(model, batches, steps=args.steps,
                                         learning_rate=args.learning_rate)
         print("trained:", flush=True)
@@ -262,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {
         "preset": args.preset, "steps": args.steps, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "dtype": args.dtype, "seed": args.seed,
+        "caption_weight": args.caption_weight,
         "train_examples_per_task": args.train_examples, "new_tokens": args.new_tokens,
         "seconds_per_step": per_step, "seconds": time.perf_counter() - started,
         "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])),
