@@ -13,10 +13,13 @@ def test_learnability_writes_results_and_table(tmp_path):
     assert learnability.main(["--out", str(out), "--preset", "tiny", "--steps", "3",
                               "--eval-examples", "8", "--train-examples", "8",
                               "--new-tokens", "2", "--caption-weight", "1",
+                              "--save", str(tmp_path / "model"),
                               "--data-dir", str(tmp_path / "tfds")]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["preset"] == "tiny" and results["steps"] == 3
     assert results["caption_weight"] == 1
+    assert (tmp_path / "model" / "config.json").exists()
+    assert (tmp_path / "model" / "tokenizer.json").exists()
     assert set(results["tasks"]) == set(SYNTHETIC_STAGES + SYNTHETIC_GENERAL)
     for task, row in results["tasks"].items():
         assert row["n"] == 8, task

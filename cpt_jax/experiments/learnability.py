@@ -45,7 +45,7 @@ from cpt_jax.data.tasks import (
     get_task,
 )
 from cpt_jax.data.tokenizer import build_tokenizer, preset_special_tokens
-from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset
+from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset, save_pretrained
 from cpt_jax.optim import make_optimizer
 from cpt_jax.rewards import exact_match
 from cpt_jax.rl.groups import answer_texts
@@ -75,6 +75,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype (parameters stay float32)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", type=Path, default=None,
+                        help="also save the trained model and tokenizer as a Hugging Face folder")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="where to build the benchmark (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -259,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                           caption_weight=args.caption_weight)
         model, losses, per_step = train(model, batches, steps=args.steps,
                                         learning_rate=args.learning_rate)
+        if args.save is not None:
+            save_pretrained(model, args.save)
+            tokenizer.save_pretrained(args.save)
         print("trained:", flush=True)
         after = evaluate(model, tokenizer, data_dir, **eval_kw)
     finally:
