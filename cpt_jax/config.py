@@ -1,0 +1,264 @@
+"""The run configuration: YAML files merged with `key=value` overrides, checked against typed
+dataclasses before anything is built or compiled.
+
+    config = load_run_config("configs/tiny_cpt.yaml", ["grpo.optim.learning_rate=2e-6"])
+
+OmegaConf's structured configs do the typing (an unknown key or a value of the wrong type is
+refused, naming it); `check` adds the rules that span fields (a batch that does not divide
+over the mesh, a group of one for GRPO, a stage on a task that does not exist, ...). Every
+problem is a `ConfigError` of one line that names the file or override and the key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cpt_jax.data.tasks import TASKS
+
+ALGORITHMS = ("sft", "grpo")
+MODES = ("sequential", "multitask", "rif")
+DTYPES = ("float32", "bfloat16")
+
+
+_ABSENT = object()
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key (and file)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with global-norm clipping on a warm-up + cosine or constant schedule."""
+
+    learning_rate: float = 1e-6
+    schedule: str = "constant"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    bf16_moments: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """`path` (a Hugging Face folder) wins over `preset` (random weights, for CPU runs)."""
+
+    preset: str | None = "tiny"
+    path: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = "data"
+    synthetic: bool = False
+    synthetic_train: int = 2000
+    synthetic_test: int = 200
+    length_buckets: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 7168])
+    min_pixels: int = 200_704
+    max_pixels: int = 1_003_520
+    min_patches: int = 64
+    cot: bool = True
+    eval_examples: int | None = None
+    general_tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SFTConfig:
+    """The paper's SFT: lr 1e-5, cosine, warm-up 0.1."""
+
+    batch_size: int = 8
+    micro_batches: int = 1
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        learning_rate=1e-5, schedule="cosine", warmup_ratio=0.1))
+
+
+@dataclass
+class GRPOSection:
+    """`cpt_jax.rl.grpo.GRPOConfig`'s fields, plus the prompts per step and the optimiser."""
+
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 0.99
+    top_k: int = 0
+    advantage: str = "grpo"
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_rows: int = 8
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    clip_dual: float = 3.0
+    kl_coef: float = 0.01
+    kl_kind: str = "low_var_kl"
+    loss_agg: str = "token-mean"
+    online_filter: bool = False
+    max_fill_batches: int = 4
+    reference: str = "base"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class StageConfig:
+    task: str = MISSING
+    algorithm: str | None = None
+    epochs: float = 1.0
+    steps: int | None = None
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh axis sizes; one of them may be -1 for "the remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tp: int = 1
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs/run"
+    mode: str = "sequential"
+    algorithm: str = "grpo"
+    seed: int = 0
+    stages: list[StageConfig] = field(default_factory=list)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+
+def _one_line(error: OmegaConfBaseException) -> str:
+    """OmegaConf's message without its multi-line context block, led by the key."""
+    message = str(error).strip().splitlines()[0]
+    key = getattr(error, "full_key", None)
+    return f"{key}: {message}" if key and key not in message else message
+
+
+def load_run_config(path: os.PathLike | str | None, overrides: Sequence[str] = (),
+                    *, device_count: int | None = None) -> RunConfig:
+    """The YAML file at `path` (or the defaults) with `overrides` ("a.b=value") applied,
+    typed and checked. `device_count` enables the mesh checks."""
+    merged: DictConfig = OmegaConf.structured(RunConfig)
+    if path is not None:
+        source = Path(path)
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(source))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {source} does not exist") from None
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"{source}: {_one_line(error)}") from None
+    for override in overrides:
+        key, equals, raw = override.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"override {override!r} is not of the form key=value")
+        try:
+            value = OmegaConf.from_dotlist([f"value={raw}"])["value"]  # YAML-typed, as CLIs do
+            if OmegaConf.select(merged, key, default=_ABSENT) is _ABSENT:
+                raise ConfigError(f"override {override!r}: no key {key!r} in the config")
+            OmegaConf.update(merged, key, value, merge=True)
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"override {override!r}: {_one_line(error)}") from None
+    config: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    check(config, device_count=device_count)
+    return config
+
+
+def _choice(value: Any, allowed: Sequence[str], key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def stage_algorithm(config: RunConfig, stage: StageConfig) -> str:
+    return stage.algorithm or config.algorithm
+
+
+def mesh_shape(mesh: MeshConfig, device_count: int) -> tuple[int, int, int]:
+    """(data, fsdp, tp) with a -1 resolved to the devices left over."""
+    sizes = [mesh.data, mesh.fsdp, mesh.tp]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh: sizes {sizes} must be positive, with at most one -1")
+    known = 1
+    for size in sizes:
+        known *= size if size > 0 else 1
+    if -1 in sizes:
+        if device_count % known:
+            raise ConfigError(f"mesh: {device_count} devices do not divide by {known}")
+        sizes[sizes.index(-1)] = device_count // known
+    if sizes[0] * sizes[1] * sizes[2] != device_count:
+        raise ConfigError(f"mesh: data x fsdp x tp = {sizes} does not use the {device_count} "
+                          f"devices")
+    return sizes[0], sizes[1], sizes[2]
+
+
+def check(config: RunConfig, *, device_count: int | None = None) -> None:
+    """The rules that span fields; each failure names the key."""
+    _choice(config.mode, MODES, "mode")
+    _choice(config.algorithm, ALGORITHMS, "algorithm")
+    _choice(config.model.dtype, DTYPES, "model.dtype")
+    _choice(config.model.param_dtype, DTYPES, "model.param_dtype")
+    _choice(config.grpo.advantage, ("grpo", "rloo"), "grpo.advantage")
+    _choice(config.grpo.kl_kind, ("kl", "abs", "mse", "low_var_kl"), "grpo.kl_kind")
+    _choice(config.grpo.reference, ("base", "previous"), "grpo.reference")
+    for key, optim in (("sft.optim", config.sft.optim), ("grpo.optim", config.grpo.optim)):
+        _choice(optim.schedule, ("cosine", "constant"), f"{key}.schedule")
+        if optim.learning_rate <= 0:
+            raise ConfigError(f"{key}.learning_rate must be > 0, got {optim.learning_rate}")
+    if config.model.path is None and config.model.preset is None:
+        raise ConfigError("model: set model.path (a Hugging Face folder) or model.preset")
+    if not config.stages:
+        raise ConfigError("stages: the run needs at least one stage")
+    for i, stage in enumerate(config.stages):
+        if stage.task not in TASKS:
+            raise ConfigError(f"stages[{i}].task: unknown task {stage.task!r}")
+        if stage.algorithm is not None:
+            _choice(stage.algorithm, ALGORITHMS, f"stages[{i}].algorithm")
+        if stage.steps is None and stage.epochs <= 0:
+            raise ConfigError(f"stages[{i}]: epochs must be > 0 (or set steps)")
+    for task in config.data.general_tasks:
+        if task not in TASKS:
+            raise ConfigError(f"data.general_tasks: unknown task {task!r}")
+    grpo_stages = [s for s in config.stages if stage_algorithm(config, s) == "grpo"]
+    if grpo_stages or config.mode == "rif":
+        if config.grpo.group_size < 2:
+            raise ConfigError(f"grpo.group_size must be > 1 for GRPO, got "
+                              f"{config.grpo.group_size}")
+        per_mini, rest = divmod(config.grpo.prompts_per_step, config.grpo.mini_batches)
+        if rest:
+            raise ConfigError(f"grpo.prompts_per_step {config.grpo.prompts_per_step} is not "
+                              f"divisible by grpo.mini_batches {config.grpo.mini_batches}")
+        if per_mini * config.grpo.group_size % config.grpo.micro_batch_rows:
+            raise ConfigError(f"grpo.micro_batch_rows {config.grpo.micro_batch_rows} does not "
+                              f"divide a mini-batch of {per_mini * config.grpo.group_size} "
+                              f"answers")
+    if config.sft.batch_size % config.sft.micro_batches:
+        raise ConfigError(f"sft.batch_size {config.sft.batch_size} is not divisible by "
+                          f"sft.micro_batches {config.sft.micro_batches}")
+    if device_count is not None:
+        data, fsdp, _ = mesh_shape(config.mesh, device_count)
+        shards = data * fsdp
+        micro = config.sft.batch_size // config.sft.micro_batches
+        if micro % shards:
+            raise ConfigError(f"sft: a micro-batch of {micro} rows does not divide over the "
+                              f"mesh's {shards} data x fsdp shards")
+        if grpo_stages and config.grpo.micro_batch_rows % shards:
+            raise ConfigError(f"grpo.micro_batch_rows {config.grpo.micro_batch_rows} does not "
+                              f"divide over the mesh's {shards} data x fsdp shards")
+
+
+def save_run_config(config: RunConfig, path: os.PathLike | str) -> None:
+    """The resolved configuration as YAML (next to the checkpoints)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))

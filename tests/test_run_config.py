@@ -1,0 +1,100 @@
+"""The run configuration: YAML + overrides typed by the dataclasses, and one-line errors that
+name the file, override or key, raised before anything is built."""
+
+from __future__ import annotations
+
+import pytest
+
+from cpt_jax.config import ConfigError, MeshConfig, load_run_config, mesh_shape, save_run_config
+
+YAML = """
+output_dir: out
+stages:
+  - task: syn_choice
+  - {task: syn_ocr, algorithm: sft, epochs: 2}
+grpo:
+  group_size: 4
+  prompts_per_step: 4
+  micro_batch_rows: 8
+sft:
+  batch_size: 8
+"""
+
+
+@pytest.fixture
+def path(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text(YAML)
+    return file
+
+
+def test_file_and_overrides_are_typed(path):
+    config = load_run_config(path, ["grpo.optim.learning_rate=2e-6", "stages.1.epochs=3",
+                                    "data.length_buckets=[128,256]", "model.path=/ckpt",
+                                    "output_dir=elsewhere"], device_count=8)
+    assert config.grpo.optim.learning_rate == 2e-6 and config.grpo.group_size == 4
+    assert [(s.task, s.algorithm, s.epochs) for s in config.stages] == [
+        ("syn_choice", None, 1.0), ("syn_ocr", "sft", 3.0)]
+    assert config.data.length_buckets == [128, 256]
+    assert config.model.path == "/ckpt" and config.output_dir == "elsewhere"
+    assert config.sft.optim.schedule == "cosine" and config.grpo.optim.schedule == "constant"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("grpo.lr=1", "no key 'grpo.lr'"),
+    ("grpo.group_size=abc", "grpo.group_size: Value 'abc'"),
+    ("grpo.group_size=1", "grpo.group_size must be > 1"),
+    ("stages.0.task=foo", "stages[0].task: unknown task 'foo'"),
+    ("stages.5.task=foo", "no key 'stages.5.task'"),
+    ("stages.1.algorithm=dpo", "stages[1].algorithm: 'dpo'"),
+    ("mode=online", "mode: 'online'"),
+    ("mesh.fsdp=3", "mesh: 8 devices do not divide by 3"),
+    ("mesh.tp=-1", "at most one -1"),
+    ("sft.micro_batches=3", "sft.batch_size 8 is not divisible by sft.micro_batches 3"),
+    ("grpo.micro_batch_rows=3", "grpo.micro_batch_rows 3 does not divide"),
+    ("grpo.mini_batches=3", "grpo.prompts_per_step 4 is not divisible by grpo.mini_batches"),
+    ("model.dtype=float16", "model.dtype: 'float16'"),
+    ("data.general_tasks=[nope]", "data.general_tasks: unknown task 'nope'"),
+    ("nokey", "not of the form key=value"),
+])
+def test_bad_overrides_name_the_key(path, override, message):
+    with pytest.raises(ConfigError, match="^.*" + message.replace("[", r"\[").replace(
+            "(", r"\(")) as error:
+        load_run_config(path, [override], device_count=8)
+    assert "\n" not in str(error.value)
+
+
+def test_batches_must_divide_over_the_mesh(path):
+    load_run_config(path, ["mesh.data=4", "mesh.fsdp=2"], device_count=8)
+    with pytest.raises(ConfigError, match="sft: a micro-batch of 8 rows does not divide over"):
+        load_run_config(path, ["mesh.data=16"], device_count=16)
+    with pytest.raises(ConfigError, match="grpo.micro_batch_rows 8 does not divide over"):
+        load_run_config(path, ["mesh.data=16", "sft.batch_size=16"], device_count=16)
+
+
+def test_bad_files_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grpo:\n  bogus: 1\nstages: [{task: syn_choice}]\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: .*Key 'bogus' not in 'GRPOSection'"):
+        load_run_config(bad)
+    bad.write_text("grpo:\n  group_size: many\nstages: [{task: syn_choice}]\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: grpo.group_size: Value 'many'"):
+        load_run_config(bad)
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_run_config(tmp_path / "missing.yaml")
+    bad.write_text("output_dir: x\n")
+    with pytest.raises(ConfigError, match="at least one stage"):
+        load_run_config(bad)
+
+
+def test_mesh_shape_resolves_the_rest():
+    assert mesh_shape(MeshConfig(), 8) == (8, 1, 1)
+    assert mesh_shape(MeshConfig(data=2, fsdp=-1, tp=2), 8) == (2, 2, 2)
+    with pytest.raises(ConfigError, match="does not use the 8 devices"):
+        mesh_shape(MeshConfig(data=2, fsdp=2, tp=1), 8)
+
+
+def test_saved_config_loads_back_equal(path, tmp_path):
+    config = load_run_config(path, ["grpo.kl_coef=0.0"])
+    save_run_config(config, tmp_path / "out" / "config.yaml")
+    assert load_run_config(tmp_path / "out" / "config.yaml") == config
