@@ -1,0 +1,81 @@
+"""Device mesh and logical-axis rules, as MaxText does it: the model names its axes
+(`out_sharding` metadata on every parameter), the rules here map those names onto the mesh
+axes `data`, `fsdp` and `tp`, and `NamedSharding`s place the arrays.
+
+A logical axis whose size the mesh axes do not divide (two KV heads on four `tp` devices, say)
+is replicated instead of failing, and a mesh axis is used at most once per array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tp")
+MeshAxes = str | tuple[str, ...] | None
+
+# Logical axis -> mesh axes. Weights shard their model dimension over fsdp (ZeRO-3 style)
+# and their heads / MLP / vocabulary over tp; batches shard over data and fsdp.
+DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("vision_embed", "fsdp"),
+    ("mlp", "tp"),
+    ("vision_mlp", "tp"),
+    ("heads", "tp"),
+    ("kv_heads", "tp"),
+    ("vision_heads", "tp"),
+    ("vocab", "tp"),
+    ("head_dim", None),
+)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tp) mesh over `devices` (default: all)."""
+    devices = list(devices if devices is not None else jax.devices())
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+                         f"got {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(tuple(shape)), MESH_AXES)
+
+
+def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                 rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES) -> PartitionSpec:
+    """The PartitionSpec of an array with these logical axes and shape."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec: list[MeshAxes] = []
+    for name, size in zip(axes, shape, strict=True):
+        wanted = table.get(name) if name is not None else None
+        wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted or ())
+        kept = tuple(a for a in wanted if a not in used and mesh.shape[a] > 1)
+        if kept and size % int(np.prod([mesh.shape[a] for a in kept])) == 0:
+            used.update(kept)
+            spec.append(kept[0] if len(kept) == 1 else kept)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh,
+                    rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES) -> nnx.State:
+    """A NamedSharding for every array of an `nnx.State`, from its variables' logical axes
+    (arrays without axis names are replicated)."""
+
+    def sharding(variable: nnx.Variable) -> NamedSharding:
+        value = variable.get_value()
+        axes = variable.get_metadata().get("out_sharding") or (None,) * np.ndim(value)
+        return NamedSharding(mesh, logical_spec(axes, np.shape(value), mesh, rules))
+
+    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_state(state: nnx.State, mesh: Mesh,
+                rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES) -> nnx.State:
+    """The state's arrays placed on the mesh by their logical axes."""
+    return jax.device_put(state, state_shardings(state, mesh, rules))
