@@ -79,3 +79,26 @@ def shard_state(state: nnx.State, mesh: Mesh,
                 rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES) -> nnx.State:
     """The state's arrays placed on the mesh by their logical axes."""
     return jax.device_put(state, state_shardings(state, mesh, rules))
+
+
+# Where the batch (rows) axis sits in each array of a step's stacked batch
+# ([micro_batches, rows, ...]; positions are [micro_batches, 3, rows, length]).
+BATCH_AXIS = {"input_ids": 1, "attention_mask": 1, "loss_mask": 1, "response_mask": 1,
+              "old_logprobs": 1, "ref_logprobs": 1, "advantages": 1, "positions": 2}
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """A stacked step batch on the mesh: rows split over data x fsdp (where they divide),
+    everything else (the packed image patches, whose rows do not align with the batch's)
+    replicated."""
+
+    def place(key: str, value):
+        if key not in BATCH_AXIS:
+            return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec())),
+                                value)
+        axes = [None] * np.ndim(value)
+        axes[BATCH_AXIS[key]] = "batch"
+        spec = logical_spec(axes, np.shape(value), mesh)
+        return jax.device_put(value, NamedSharding(mesh, spec))
+
+    return {key: place(key, value) for key, value in batch.items()}

@@ -1,6 +1,6 @@
 """Logical-axis rules onto a (data, fsdp, tp) mesh: the PartitionSpecs, and (in a process with
-8 host CPU devices) parameters really sharded on four meshes with the same logits as one
-device."""
+8 host CPU devices) parameters really sharded on four meshes, with the same logits and the same
+two SFT steps (losses, updated parameters) as one device."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from cpt_jax.sharding import MESH_AXES, logical_spec
 
-SCRIPT = Path(__file__).parent / "multidevice" / "sharded_forward.py"
+SCRIPT = Path(__file__).parent / "multidevice" / "mesh_equivalence.py"
 
 
 def _mesh(data: int, fsdp: int, tp: int) -> AbstractMesh:
@@ -41,7 +41,7 @@ def test_indivisible_or_reused_axes_are_replicated():
         None, None)
 
 
-def test_sharded_parameters_give_the_same_logits_on_8_devices():
+def test_sharded_forward_and_sft_steps_equal_one_device_on_8_devices():
     result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
                             timeout=600, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -49,6 +49,10 @@ def test_sharded_parameters_give_the_same_logits_on_8_devices():
     assert report["devices"] == 8
     for shape, mesh in report["meshes"].items():
         assert mesh["max_diff"] <= 1e-5, (shape, mesh["max_diff"])
+        assert mesh["sft_param_diff"] <= 1e-5, (shape, mesh["sft_param_diff"])
+        for loss, expected in zip(mesh["sft_losses"], report["sft_losses"], strict=True):
+            assert abs(loss - expected) <= 1e-5 * abs(expected), (shape, loss, expected)
+        assert mesh["sft_moments_sharded_like_params"], shape
     mesh = report["meshes"]["(1, 4, 2)"]
     assert mesh["specs"]["embed_tokens"] == ["tp", "fsdp"]
     assert mesh["shard_shapes"]["embed_tokens"] == [256, 16]  # [512, 64] over tp 2, fsdp 4

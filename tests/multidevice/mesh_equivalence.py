@@ -1,0 +1,118 @@
+"""Run in a fresh process with 8 host CPU devices (XLA_FLAGS set below, before jax loads).
+
+For several (data, fsdp, tp) meshes it places the tiny model's parameters by their logical
+axes and prints, as one JSON line: the max |logit diff| of a forward pass against one device,
+the shardings and shard shapes of a few parameters, and for two SFT steps (2 micro-batches
+of 8 rows, images in some rows) the losses and the max |param diff| against one device, and
+whether the optimiser moments are sharded like their parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from cpt_jax.data.pipeline import EncodeOptions, collate  # noqa: E402
+from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset  # noqa: E402
+from cpt_jax.optim import make_optimizer  # noqa: E402
+from cpt_jax.sft import TrainState, make_sft_step, stack_micro_batches  # noqa: E402
+from cpt_jax.sharding import make_mesh, shard_batch, shard_state  # noqa: E402
+
+CONFIG = preset("tiny")
+
+MESHES = ((8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2))
+
+
+def _example(rng: np.random.Generator, with_image: bool) -> dict:
+    """An encoded SFT example: text, an image's placeholder tokens if asked, a response."""
+    image, patches, grids = [], [], []
+    if with_image:
+        image = ([CONFIG.vision_start_token_id] + [CONFIG.image_token_id] * 4
+                 + [CONFIG.vision_end_token_id])
+        patches = [rng.standard_normal((16, CONFIG.vision.patch_dim), dtype=np.float32)]
+        grids = [(1, 4, 4)]
+    ids = rng.integers(0, 490, 6).tolist() + image + rng.integers(0, 490, 6).tolist()
+    response = int(rng.integers(2, 6))
+    return {"input_ids": np.asarray(ids, np.int32),
+            "loss_mask": np.asarray([0] * (len(ids) - response) + [1] * response, np.int32),
+            "patches": patches, "grids": grids, "instance_id": 0, "answer": ""}
+
+
+def _sft_batches(model: Qwen2_5_VL) -> list[dict]:
+    rng = np.random.default_rng(1)
+    options = EncodeOptions(length_buckets=(32,), min_patches=128)
+    steps = []
+    for _ in range(2):
+        micro = [collate([_example(rng, i % 3 == 0) for i in range(8)], options=options,
+                         pad_id=CONFIG.pad_token_id, left_pad=False) for _ in range(2)]
+        steps.append(stack_micro_batches(micro, model))
+    return steps
+
+
+def _sft(mesh) -> tuple[list[float], list[np.ndarray], bool]:
+    """Two SFT steps from the same initial model, on `mesh` (None: one device)."""
+    model = Qwen2_5_VL(CONFIG, rngs=nnx.Rngs(0))
+    optimizer = make_optimizer(learning_rate=1e-4, total_steps=4)  # the scale of the paper's 1e-5
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if mesh is not None:
+        params, rest = shard_state(params, mesh), shard_state(rest, mesh)
+    state = TrainState(graphdef=graphdef, params=params, rest=rest,
+                       opt_state=optimizer.init(params), step=np.zeros((), np.int32))
+    step = make_sft_step(model, optimizer, micro_batches=2)
+    losses = []
+    for batch in _sft_batches(model):
+        state, metrics = step(state, batch if mesh is None else shard_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    mu = state.opt_state.inner_state[1].mu  # the chain: clip, scale_by_adam, decay, lr
+    same = all(m.sharding.is_equivalent_to(p.sharding, p.ndim)
+               for m, p in zip(jax.tree.leaves(mu), jax.tree.leaves(state.params), strict=True))
+    return losses, [np.asarray(p) for p in jax.tree.leaves(state.params)], same
+
+
+def main() -> None:
+    model = Qwen2_5_VL(CONFIG, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 490, (8, 16))
+    ids, positions, mask, _, _ = model.prepare_inputs(ids)
+
+    @jax.jit
+    def logits(state, ids, positions, mask):
+        return nnx.merge(graphdef, state).forward(ids, positions, mask)[0]
+
+    reference = np.asarray(logits(state, ids, positions, mask))
+    sft_losses, sft_params, _ = _sft(None)
+    report = {"devices": jax.device_count(), "sft_losses": sft_losses, "meshes": {}}
+    for shape in MESHES:
+        mesh = make_mesh(shape)
+        sharded = shard_state(state, mesh)
+        out = np.asarray(logits(sharded, ids, positions, mask))
+        params = {
+            "embed_tokens": sharded["language_model"]["embed_tokens"],
+            "gate_proj": sharded["language_model"]["layers"]["mlp"]["gate_proj"]["kernel"],
+            "k_proj": sharded["language_model"]["layers"]["self_attn"]["k_proj"]["kernel"],
+        }
+        losses, params_after, moments_sharded = _sft(mesh)
+        report["meshes"][str(shape)] = {
+            "max_diff": float(np.abs(out - reference).max()),
+            "sft_losses": losses,
+            "sft_param_diff": max(float(np.abs(a - b).max())
+                                  for a, b in zip(params_after, sft_params, strict=True)),
+            "sft_moments_sharded_like_params": moments_sharded,
+            "specs": {k: [list(a) if isinstance(a, tuple) else a for a in v.sharding.spec]
+                      for k, v in params.items()},
+            "shard_shapes": {k: list(v.addressable_shards[0].data.shape)
+                             for k, v in params.items()},
+            "shapes": {k: list(v.shape) for k, v in params.items()},
+        }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
