@@ -64,13 +64,15 @@ def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
 
 def state_shardings(state: nnx.State, mesh: Mesh,
                     rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES) -> nnx.State:
-    """A NamedSharding for every array of an `nnx.State`, from its variables' logical axes
+    """The state with each variable's array replaced by its NamedSharding (same tree
+    structure, for `jax.device_put` and restore targets), from the variables' logical axes
     (arrays without axis names are replicated)."""
 
-    def sharding(variable: nnx.Variable) -> NamedSharding:
+    def sharding(variable: nnx.Variable) -> nnx.Variable:
         value = variable.get_value()
         axes = variable.get_metadata().get("out_sharding") or (None,) * np.ndim(value)
-        return NamedSharding(mesh, logical_spec(axes, np.shape(value), mesh, rules))
+        return variable.replace(NamedSharding(mesh, logical_spec(axes, np.shape(value), mesh,
+                                                                 rules)))
 
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -18,11 +18,17 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from cpt_jax.checkpoint import Checkpoints, abstract  # noqa: E402
 from cpt_jax.data.pipeline import EncodeOptions, collate  # noqa: E402
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset  # noqa: E402
 from cpt_jax.optim import make_optimizer  # noqa: E402
 from cpt_jax.sft import TrainState, make_sft_step, stack_micro_batches  # noqa: E402
-from cpt_jax.sharding import make_mesh, shard_batch, shard_state  # noqa: E402
+from cpt_jax.sharding import (  # noqa: E402
+    make_mesh,
+    shard_batch,
+    shard_state,
+    state_shardings,
+)
 
 CONFIG = preset("tiny")
 
@@ -111,7 +117,31 @@ def main() -> None:
                              for k, v in params.items()},
             "shapes": {k: list(v.shape) for k, v in params.items()},
         }
+    report["checkpoint"] = _checkpoint_across_meshes(state)
     print(json.dumps(report))
+
+
+def _checkpoint_across_meshes(state: nnx.State) -> dict:
+    """Saved from the (1, 4, 2) mesh, restored onto (2, 2, 2) and onto one device."""
+    import tempfile
+
+    written = shard_state(state, make_mesh((1, 4, 2)))
+    out = {}
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoints = Checkpoints(folder)
+        checkpoints.save(1, written, {"mesh": [1, 4, 2]})
+        checkpoints.wait()
+        for name, mesh in (("(2, 2, 2)", make_mesh((2, 2, 2))),
+                           ("one device", make_mesh((1, 1, 1), jax.devices()[:1]))):
+            target = abstract(state, state_shardings(state, mesh))
+            restored, _ = checkpoints.restore(1, target)
+            leaves = zip(jax.tree.leaves(restored), jax.tree.leaves(state),
+                         jax.tree.leaves(target), strict=True)
+            out[name] = all(np.array_equal(np.asarray(r), np.asarray(s))
+                            and r.sharding.is_equivalent_to(t.sharding, r.ndim)
+                            for r, s, t in leaves)
+        checkpoints.close()
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""Checkpoints with Orbax: rolling in-stage checkpoints to resume from, and each stage's final
+model, kept for good.
+
+    <output_dir>/checkpoints/rolling/<step>/   state (params, optimiser, step, key) + meta JSON
+    <output_dir>/checkpoints/stages/<stage>/   the stage's final parameters + meta JSON
+
+`meta` holds what is not an array: the stage index, the data iterator's state, RIF pass
+counts, the metrics so far. Orbax writes a checkpoint into a temporary folder and renames it
+when it is complete, so a save cut short by a kill is never listed, never restored. Restoring
+takes an abstract target (shapes, dtypes and the shardings wanted now), so a checkpoint
+written on one mesh restores onto another; a target of another shape is an error that names
+the array.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be restored onto the requested target."""
+
+
+def abstract(tree: Any, shardings: Any | None = None) -> Any:
+    """Shapes, dtypes and (optionally) shardings of a pytree of arrays: a restore target."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=getattr(x, "sharding",
+                                                                            None)), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+class Checkpoints:
+    """The run's two checkpoint managers."""
+
+    def __init__(self, output_dir: os.PathLike | str, *, keep: int = 2):
+        root = Path(output_dir).resolve() / "checkpoints"
+        self.rolling = _manager(root / "rolling", ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True))
+        self.stages = _manager(root / "stages", ocp.CheckpointManagerOptions(create=True))
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """A rolling checkpoint at global step `step` (the oldest beyond `keep` are deleted)."""
+        self.rolling.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)),
+                          force=True)
+
+    def latest_step(self) -> int | None:
+        return self.rolling.latest_step()
+
+    def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+        """The rolling checkpoint at `step` onto `target` (see `abstract`)."""
+        return self._restore(self.rolling, step, target)
+
+    def save_stage(self, stage: int, params: Any, meta: dict[str, Any]) -> None:
+        """Stage `stage`'s final parameters, kept for good."""
+        self.stages.save(stage, args=ocp.args.Composite(state=ocp.args.StandardSave(params),
+                                                        meta=ocp.args.JsonSave(meta)),
+                         force=True)
+
+    def saved_stages(self) -> list[int]:
+        return list(self.stages.all_steps())
+
+    def restore_stage(self, stage: int, target: Any) -> tuple[Any, dict[str, Any]]:
+        return self._restore(self.stages, stage, target)
+
+    def wait(self) -> None:
+        """Block until every save has been written (saves may run in the background)."""
+        self.rolling.wait_until_finished()
+        self.stages.wait_until_finished()
+
+    def close(self) -> None:
+        self.rolling.close()
+        self.stages.close()
+
+    @staticmethod
+    def _restore(manager: ocp.CheckpointManager, step: int,
+                 target: Any) -> tuple[Any, dict[str, Any]]:
+        if step not in manager.all_steps():
+            raise CheckpointError(f"no checkpoint {step} in {manager.directory} (have "
+                                  f"{list(manager.all_steps())})")
+        _check_shapes(manager, step, target)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        return restored["state"], restored["meta"]
+
+
+def _manager(directory: Path, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+    """A manager that knows its items' handlers, so that a fresh one (a resumed run) can read
+    the metadata of checkpoints it did not write."""
+    return ocp.CheckpointManager(
+        directory, options=options, item_names=("state", "meta"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+
+
+def _check_shapes(manager: ocp.CheckpointManager, step: int, target: Any) -> None:
+    """Every array of the target exists in the checkpoint with the same shape; else one error
+    naming the first that does not (a checkpoint of another model, say)."""
+    saved = manager.item_metadata(step)["state"]
+    saved_leaves = {_name(path): leaf
+                    for path, leaf in jax.tree_util.tree_leaves_with_path(saved)}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(target):
+        key = _name(path)
+        if key not in saved_leaves:
+            raise CheckpointError(f"{manager.directory}/{step}: no array {key} in the "
+                                  f"checkpoint (another model or state layout?)")
+        shape = tuple(getattr(saved_leaves[key], "shape", ()))
+        if shape != tuple(leaf.shape):
+            raise CheckpointError(f"{manager.directory}/{step}: {key} has shape {shape} in the "
+                                  f"checkpoint, the target wants {tuple(leaf.shape)}")
+
+
+def _name(path: tuple[Any, ...]) -> str:
+    """A key path as "a/b/0/c", whether its parts are dict keys, attributes or indices (a
+    saved named tuple reads back as a dict)."""
+    parts = []
+    for part in path:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(part, attribute):
+                parts.append(str(getattr(part, attribute)))
+                break
+        else:
+            parts.append(str(part))
+    return "/".join(parts)
