@@ -11,7 +11,9 @@ problem is a `ConfigError` of one line that names the file or override and the k
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cpt_jax.data.tasks import TASKS
+from cpt_jax.rl.grpo import GRPOConfig
 
 ALGORITHMS = ("sft", "grpo")
 MODES = ("sequential", "multitask", "rif")
@@ -83,30 +86,29 @@ class SFTConfig:
         learning_rate=1e-5, schedule="cosine", warmup_ratio=0.1))
 
 
-@dataclass
-class GRPOSection:
-    """`cpt_jax.rl.grpo.GRPOConfig`'s fields, plus the prompts per step and the optimiser."""
+def _plain(annotation: Any) -> Any:
+    """OmegaConf types a Literal field as the type of its values."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return type(typing.get_args(annotation)[0])
+    return annotation
 
-    prompts_per_step: int = 8
-    group_size: int = 8
-    max_new_tokens: int = 1024
-    temperature: float = 1.0
-    top_p: float = 0.99
-    top_k: int = 0
-    advantage: str = "grpo"
-    ppo_epochs: int = 1
-    mini_batches: int = 1
-    micro_batch_rows: int = 8
-    clip_low: float = 0.2
-    clip_high: float = 0.3
-    clip_dual: float = 3.0
-    kl_coef: float = 0.01
-    kl_kind: str = "low_var_kl"
-    loss_agg: str = "token-mean"
-    online_filter: bool = False
-    max_fill_batches: int = 4
-    reference: str = "base"
-    optim: OptimConfig = field(default_factory=OptimConfig)
+
+# `cpt_jax.rl.grpo.GRPOConfig`'s fields (derived, so the two cannot drift apart), plus the
+# prompts per step, the KL reference ("base": the stage-0 model; "previous": the last stage's)
+# and the optimiser.
+GRPOSection = dataclasses.make_dataclass("GRPOSection", [
+    *((f.name, _plain(typing.get_type_hints(GRPOConfig)[f.name]), field(default=f.default))
+      for f in dataclasses.fields(GRPOConfig)),
+    ("prompts_per_step", int, field(default=8)),
+    ("reference", str, field(default="base")),
+    ("optim", OptimConfig, field(default_factory=OptimConfig)),
+])
+
+
+def grpo_config(section: Any) -> GRPOConfig:
+    """The algorithm's settings from the config's `grpo` section."""
+    return GRPOConfig(**{f.name: getattr(section, f.name)
+                         for f in dataclasses.fields(GRPOConfig)})
 
 
 @dataclass
@@ -136,7 +138,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    grpo: GRPOSection = field(default_factory=GRPOSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)  # type: ignore[valid-type]
     mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
@@ -209,7 +211,6 @@ def check(config: RunConfig, *, device_count: int | None = None) -> None:
     _choice(config.algorithm, ALGORITHMS, "algorithm")
     _choice(config.model.dtype, DTYPES, "model.dtype")
     _choice(config.model.param_dtype, DTYPES, "model.param_dtype")
-    _choice(config.grpo.advantage, ("grpo", "rloo"), "grpo.advantage")
     _choice(config.grpo.kl_kind, ("kl", "abs", "mse", "low_var_kl"), "grpo.kl_kind")
     _choice(config.grpo.reference, ("base", "previous"), "grpo.reference")
     for key, optim in (("sft.optim", config.sft.optim), ("grpo.optim", config.grpo.optim)):
@@ -232,17 +233,10 @@ def check(config: RunConfig, *, device_count: int | None = None) -> None:
             raise ConfigError(f"data.general_tasks: unknown task {task!r}")
     grpo_stages = [s for s in config.stages if stage_algorithm(config, s) == "grpo"]
     if grpo_stages or config.mode == "rif":
-        if config.grpo.group_size < 2:
-            raise ConfigError(f"grpo.group_size must be > 1 for GRPO, got "
-                              f"{config.grpo.group_size}")
-        per_mini, rest = divmod(config.grpo.prompts_per_step, config.grpo.mini_batches)
-        if rest:
-            raise ConfigError(f"grpo.prompts_per_step {config.grpo.prompts_per_step} is not "
-                              f"divisible by grpo.mini_batches {config.grpo.mini_batches}")
-        if per_mini * config.grpo.group_size % config.grpo.micro_batch_rows:
-            raise ConfigError(f"grpo.micro_batch_rows {config.grpo.micro_batch_rows} does not "
-                              f"divide a mini-batch of {per_mini * config.grpo.group_size} "
-                              f"answers")
+        try:  # GRPOConfig's own checks, named as keys of the `grpo` section
+            grpo_config(config.grpo).check_batch(config.grpo.prompts_per_step)
+        except ValueError as error:
+            raise ConfigError(f"grpo.{error}") from None
     if config.sft.batch_size % config.sft.micro_batches:
         raise ConfigError(f"sft.batch_size {config.sft.batch_size} is not divisible by "
                           f"sft.micro_batches {config.sft.micro_batches}")

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from cpt_jax.config import ConfigError, MeshConfig, load_run_config, mesh_shape, save_run_config
+from cpt_jax.config import (
+    ConfigError,
+    MeshConfig,
+    grpo_config,
+    load_run_config,
+    mesh_shape,
+    save_run_config,
+)
 
 YAML = """
 output_dir: out
@@ -51,8 +58,9 @@ def test_file_and_overrides_are_typed(path):
     ("mesh.fsdp=3", "mesh: 8 devices do not divide by 3"),
     ("mesh.tp=-1", "at most one -1"),
     ("sft.micro_batches=3", "sft.batch_size 8 is not divisible by sft.micro_batches 3"),
-    ("grpo.micro_batch_rows=3", "grpo.micro_batch_rows 3 does not divide"),
-    ("grpo.mini_batches=3", "grpo.prompts_per_step 4 is not divisible by grpo.mini_batches"),
+    ("grpo.micro_batch_rows=3", "grpo.micro_batch_rows 3 does not divide a mini-batch of 16"),
+    ("grpo.mini_batches=3", "grpo.prompts_per_step 4 is not divisible by mini_batches 3"),
+    ("grpo.advantage=ppo", "grpo.advantage must be 'grpo' or 'rloo'"),
     ("model.dtype=float16", "model.dtype: 'float16'"),
     ("data.general_tasks=[nope]", "data.general_tasks: unknown task 'nope'"),
     ("nokey", "not of the form key=value"),
@@ -92,6 +100,13 @@ def test_mesh_shape_resolves_the_rest():
     assert mesh_shape(MeshConfig(data=2, fsdp=-1, tp=2), 8) == (2, 2, 2)
     with pytest.raises(ConfigError, match="does not use the 8 devices"):
         mesh_shape(MeshConfig(data=2, fsdp=2, tp=1), 8)
+
+
+def test_the_grpo_section_is_the_algorithm_config(path):
+    config = load_run_config(path, ["grpo.kl_coef=0.0", "grpo.advantage=rloo"])
+    algorithm = grpo_config(config.grpo)
+    assert algorithm.group_size == 4 and algorithm.kl_coef == 0.0
+    assert algorithm.advantage == "rloo" and algorithm.top_p == 0.99
 
 
 def test_saved_config_loads_back_equal(path, tmp_path):

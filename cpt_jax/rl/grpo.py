@@ -80,12 +80,12 @@ class GRPOConfig:
         """The rollout batch must split into mini-batches of whole groups, and those into
         micro-batches of `micro_batch_rows` answers."""
         if prompts_per_step % self.mini_batches:
-            raise ValueError(f"prompts per step {prompts_per_step} is not divisible by "
+            raise ValueError(f"prompts_per_step {prompts_per_step} is not divisible by "
                              f"mini_batches {self.mini_batches}")
         rows = prompts_per_step // self.mini_batches * self.group_size
         if rows % self.micro_batch_rows:
-            raise ValueError(f"a mini-batch of {rows} answers is not divisible by "
-                             f"micro_batch_rows {self.micro_batch_rows}")
+            raise ValueError(f"micro_batch_rows {self.micro_batch_rows} does not divide a "
+                             f"mini-batch of {rows} answers")
 
 
 def token_logprobs(model: Qwen2_5_VL, batch: UpdateBatch, temperature: float
