@@ -52,7 +52,12 @@ class EncodeOptions:
                          f"{self.length_buckets[-1]} (EncodeOptions.length_buckets)")
 
     def patch_bucket(self, patches: int) -> int:
-        return max(self.min_patches, 1 << max(0, patches - 1).bit_length())
+        return patch_bucket(patches, self.min_patches)
+
+
+def patch_bucket(patches: int, minimum: int) -> int:
+    """Patch counts padded to a power of two (at least `minimum`): few distinct shapes."""
+    return max(minimum, 1 << max(0, patches - 1).bit_length())
 
 
 def shard_for_process(dataset: grain.MapDataset, process_index: int,

@@ -186,7 +186,7 @@ def train(model: Qwen2_5_VL, batches: Iterator[dict[str, np.ndarray]], *, steps:
     return state.model(), losses, per_step
 
 
-def _commit() -> str:
+def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True, cwd=Path(__file__).parent).stdout.strip()
@@ -239,7 +239,7 @@ tokens, stop at
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    started, commit = time.perf_counter(), _commit()  # the code that runs, not later commits
+    started, commit = time.perf_counter(), git_commit()  # the code that runs, not later commits
     args.out.mkdir(parents=True, exist_ok=True)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="learnability_tfds_"))
     try:

@@ -40,8 +40,8 @@ from cpt_jax.data.sources import load_source
 from cpt_jax.data.tasks import SYNTHETIC_STAGES, reward_fn
 from cpt_jax.experiments.learnability import (
     OPTIONS,
-    _commit,
     evaluate_task,
+    git_commit,
     greedy_sampler,
     make_tokenizer,
 )
@@ -158,7 +158,7 @@ def _grpo(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase, train, task: st
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    started, commit = time.perf_counter(), _commit()  # the code that runs, not later commits
+    started, commit = time.perf_counter(), git_commit()  # the code that runs, not later commits
     args.out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(tempfile.mkdtemp(prefix="learning_tfds_"))
     try:

@@ -8,18 +8,18 @@ assembled from whichever groups were kept, padded to the same static shapes ever
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from cpt_jax.data.pipeline import patch_bucket
+from cpt_jax.data.tasks import ScoreFn
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, VisionInputs
 from cpt_jax.rl.sampler import Rollout
-
-ScoreFn = Callable[[list[str], list[str]], list[dict[str, float]]]
 
 
 @dataclass
@@ -38,7 +38,6 @@ class Group:
     texts: list[str]
     scores: list[dict[str, float]]
     task: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rewards(self) -> np.ndarray:
@@ -88,11 +87,6 @@ def split_into_groups(batch: dict[str, np.ndarray], rollout: Rollout, *,
             tokens=tokens[rows], mask=mask[rows], logprobs=logprobs[rows], texts=texts[rows],
             scores=score_fn(texts[rows], [answer] * group_size), task=task))
     return groups
-
-
-def patch_bucket(patches: int, minimum: int) -> int:
-    """Patch counts padded to a power of two (at least `minimum`): few distinct shapes."""
-    return max(minimum, 1 << max(0, patches - 1).bit_length())
 
 
 def training_batch(groups: Sequence[Group], model: Qwen2_5_VL, *, prompt_length: int,

@@ -26,10 +26,11 @@ import optax
 from flax import nnx
 from transformers import PreTrainedTokenizerBase
 
+from cpt_jax.data.tasks import ScoreFn
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL
 from cpt_jax.optim import current_learning_rate
 from cpt_jax.rl import algorithms
-from cpt_jax.rl.groups import Group, ScoreFn, split_into_groups, training_batch
+from cpt_jax.rl.groups import Group, split_into_groups, training_batch
 from cpt_jax.rl.sampler import SamplingConfig, make_sampler, prepare_prompts
 from cpt_jax.sft import TrainState
 
@@ -191,7 +192,6 @@ class GRPOTrainer:
                  reference: Sequence[nnx.State] | None = None,
                  stop_ids: Sequence[int] | None = None):
         self.config = config
-        self.model_config = model.config
         self.tokenizer = tokenizer
         self.score_fn = score_fn
         self.reference = tuple(reference) if reference is not None else None

@@ -25,8 +25,9 @@ from flax import nnx
 from transformers import PreTrainedTokenizerBase
 
 from cpt_jax.data.pipeline import EncodeOptions, eval_dataset
+from cpt_jax.data.tasks import ScoreFn
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL
-from cpt_jax.rl.groups import ScoreFn, split_into_groups
+from cpt_jax.rl.groups import split_into_groups
 from cpt_jax.rl.sampler import SamplingConfig, make_sampler, prepare_prompts
 
 FilterMode = Literal["solvable", "learnable"]
