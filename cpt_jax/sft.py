@@ -67,11 +67,17 @@ def _token_sums(model: Qwen2_5_VL, batch: Batch) -> dict[str, jax.Array]:
     targets = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))
     weights = (batch["loss_mask"][:, 1:] * mask[:, 1:]).astype(jnp.float32)
     weights = jnp.pad(weights, ((0, 0), (0, 1)))
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - target_logits
+    nll = -target_logprobs(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return {"loss_sum": jnp.sum(nll * weights), "correct": jnp.sum(correct * weights),
             "tokens": jnp.sum(weights)}
+
+
+def target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log softmax(logits)[target] per position, as the target logit minus logsumexp: float32
+    [b, s] without materialising [b, s, vocab] log-probabilities."""
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return target_logits - jax.nn.logsumexp(logits, axis=-1)
 
 
 def _means(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -96,8 +96,7 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 
     def place(key: str, value):
         if key not in BATCH_AXIS:
-            return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec())),
-                                value)
+            return jax.device_put(value, NamedSharding(mesh, PartitionSpec()))
         axes = [None] * np.ndim(value)
         axes[BATCH_AXIS[key]] = "batch"
         spec = logical_spec(axes, np.shape(value), mesh)

@@ -93,8 +93,9 @@ class Measure:
 
     def __call__(self, model: Qwen2_5_VL, label: str) -> dict[str, float]:
         args, out = self.args, {}
-        sample = self.samplers.setdefault("greedy", greedy_sampler(model, self.tokenizer,
-                                                                   NEW_TOKENS))
+        if "greedy" not in self.samplers:  # one jitted sampler for every measurement
+            self.samplers["greedy"] = greedy_sampler(model, self.tokenizer, NEW_TOKENS)
+        sample = self.samplers["greedy"]
         for split in SPLITS:
             examples = args.train_examples if split == "train" else args.eval_examples
             greedy = evaluate_task(model, self.tokenizer, self.data_dir, self.task,

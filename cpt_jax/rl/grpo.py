@@ -32,7 +32,7 @@ from cpt_jax.optim import current_learning_rate
 from cpt_jax.rl import algorithms
 from cpt_jax.rl.groups import Group, split_into_groups, training_batch
 from cpt_jax.rl.sampler import SamplingConfig, make_sampler, prepare_prompts
-from cpt_jax.sft import TrainState
+from cpt_jax.sft import TrainState, target_logprobs
 
 UpdateBatch = dict[str, Any]
 _MODEL_INPUTS = ("input_ids", "positions", "attention_mask", "vision")
@@ -97,8 +97,7 @@ def token_logprobs(model: Qwen2_5_VL, batch: UpdateBatch, temperature: float
                               batch["vision"])
     logits = logits[:, :-1] / (temperature if temperature > 0 else 1.0)
     targets = batch["input_ids"][:, 1:]
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    logprobs = target_logits - jax.nn.logsumexp(logits, axis=-1)
+    logprobs = target_logprobs(logits, targets)
     entropy = algorithms.entropy_from_logits(logits)
     pad = ((0, 0), (1, 0))
     return jnp.pad(logprobs, pad), jnp.pad(entropy, pad)
@@ -259,7 +258,7 @@ class GRPOTrainer:
             rows = slice(k * per_mini * config.group_size, (k + 1) * per_mini * config.group_size)
             batch["advantages"] = advantages[rows].reshape(batch["input_ids"].shape[:2])
             batch.pop("sampler_logprobs")
-            inputs = {k: batch[k] for k in _MODEL_INPUTS}  # one pytree: one program
+            inputs = {name: batch[name] for name in _MODEL_INPUTS}  # one pytree: one program
             batch["old_logprobs"] = self.logprobs((state.params, state.rest), inputs)
             if config.kl_coef > 0:
                 batch["ref_logprobs"] = self.logprobs(self.reference, inputs)
