@@ -54,6 +54,13 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.rolling.latest_step()
 
+    def meta(self, step: int) -> dict[str, Any]:
+        """The metadata of rolling checkpoint `step` alone (to build the restore target)."""
+        if step not in self.rolling.all_steps():
+            raise CheckpointError(f"no checkpoint {step} in {self.rolling.directory}")
+        return self.rolling.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+
     def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
         """The rolling checkpoint at `step` onto `target` (see `abstract`)."""
         return self._restore(self.rolling, step, target)

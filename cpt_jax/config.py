@@ -72,8 +72,38 @@ class DataConfig:
     max_pixels: int = 1_003_520
     min_patches: int = 64
     cot: bool = True
-    eval_examples: int | None = None
     general_tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    """Greedy evaluation of every task's test split before the first stage and after each;
+    `examples` caps the rows per task (None: the whole split)."""
+
+    batch_size: int = 8
+    max_new_tokens: int = 1024
+    examples: int | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    """A rolling checkpoint every `every` steps within a stage (the newest `keep` are kept);
+    each stage's final model is kept for good."""
+
+    every: int = 100
+    keep: int = 2
+
+
+@dataclass
+class RIFConfig:
+    """Rollout-based instance filtering before each stage of a `rif` run: `group_size`
+    answers per training instance at `temperature`; keep the `solvable` instances (one answer
+    correct, the paper's filter) or the `learnable` ones (some but not all correct)."""
+
+    filter: str = "solvable"
+    group_size: int = 8
+    temperature: float = 1.0
+    batch_size: int = 8
 
 
 @dataclass
@@ -140,6 +170,9 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOSection = field(default_factory=GRPOSection)  # type: ignore[valid-type]
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    rif: RIFConfig = field(default_factory=RIFConfig)
 
 
 def _one_line(error: OmegaConfBaseException) -> str:
@@ -237,6 +270,20 @@ def check(config: RunConfig, *, device_count: int | None = None) -> None:
             grpo_config(config.grpo).check_batch(config.grpo.prompts_per_step)
         except ValueError as error:
             raise ConfigError(f"grpo.{error}") from None
+    _choice(config.rif.filter, ("solvable", "learnable"), "rif.filter")
+    for key, value in (("eval.batch_size", config.eval.batch_size),
+                       ("eval.max_new_tokens", config.eval.max_new_tokens),
+                       ("checkpoint.every", config.checkpoint.every),
+                       ("checkpoint.keep", config.checkpoint.keep),
+                       ("rif.batch_size", config.rif.batch_size),
+                       ("sft.batch_size", config.sft.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if config.eval.examples is not None and config.eval.examples < 1:
+        raise ConfigError(f"eval.examples must be >= 1 (or null for all), got "
+                          f"{config.eval.examples}")
+    if config.mode == "rif" and config.rif.group_size < 2:
+        raise ConfigError(f"rif.group_size must be > 1, got {config.rif.group_size}")
     if config.sft.batch_size % config.sft.micro_batches:
         raise ConfigError(f"sft.batch_size {config.sft.batch_size} is not divisible by "
                           f"sft.micro_batches {config.sft.micro_batches}")

@@ -31,7 +31,7 @@ from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL
 from cpt_jax.optim import current_learning_rate
 from cpt_jax.rl import algorithms
 from cpt_jax.rl.groups import Group, split_into_groups, training_batch
-from cpt_jax.rl.sampler import SamplingConfig, make_sampler, prepare_prompts
+from cpt_jax.rl.sampler import SamplingConfig, make_sampler, prepare_prompts, turn_stop_ids
 from cpt_jax.sft import TrainState, target_logprobs
 
 UpdateBatch = dict[str, Any]
@@ -189,8 +189,10 @@ class GRPOTrainer:
     def __init__(self, model: Qwen2_5_VL, optimizer: optax.GradientTransformation,
                  config: GRPOConfig, *, tokenizer: PreTrainedTokenizerBase, score_fn: ScoreFn,
                  reference: Sequence[nnx.State] | None = None,
-                 stop_ids: Sequence[int] | None = None):
+                 stop_ids: Sequence[int] | None = None,
+                 place: Callable[[UpdateBatch], UpdateBatch] | None = None):
         self.config = config
+        self.place = place or (lambda batch: batch)
         self.tokenizer = tokenizer
         self.score_fn = score_fn
         self.reference = tuple(reference) if reference is not None else None
@@ -198,7 +200,7 @@ class GRPOTrainer:
             raise ValueError("kl_coef > 0 needs the reference model's state (reference=...)")
         pad = model.config.pad_token_id
         self.pad_id = pad if pad is not None else 0
-        stops = list(stop_ids) if stop_ids is not None else _stop_ids(tokenizer)
+        stops = list(stop_ids) if stop_ids is not None else turn_stop_ids(tokenizer)
         self._template = model  # shape only: prepare_inputs and the graph definition
         self.sample = make_sampler(model, config.sampling, stop_ids=stops, pad_id=self.pad_id)
         self.logprobs = make_logprob_fn(model, config.temperature)
@@ -258,6 +260,7 @@ class GRPOTrainer:
             rows = slice(k * per_mini * config.group_size, (k + 1) * per_mini * config.group_size)
             batch["advantages"] = advantages[rows].reshape(batch["input_ids"].shape[:2])
             batch.pop("sampler_logprobs")
+            batch = self.place(batch)
             inputs = {name: batch[name] for name in _MODEL_INPUTS}  # one pytree: one program
             batch["old_logprobs"] = self.logprobs((state.params, state.rest), inputs)
             if config.kl_coef > 0:
@@ -286,12 +289,3 @@ def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:
             "response/length": float(lengths.mean()),
             "response/clip_ratio": float(np.mean(lengths >= budget)),
             "reward/zero_variance_groups": float(np.mean([g.zero_variance for g in groups]))}
-
-
-def _stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Qwen's end-of-turn and end-of-text tokens, whichever the tokenizer has."""
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    ids = [i for i in ids if i is not None and i != tokenizer.unk_token_id]
-    if not ids:
-        raise ValueError("the tokenizer has neither <|im_end|> nor <|endoftext|>: pass stop_ids")
-    return ids

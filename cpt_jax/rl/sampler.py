@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from transformers import PreTrainedTokenizerBase
 
 from cpt_jax.models.qwen2_5_vl import KVCache, Qwen2_5_VL, VisionInputs
 
@@ -135,16 +136,20 @@ def _nucleus(probs: jax.Array, top_p: float, iterations: int = 40) -> jax.Array:
     return probs >= low
 
 
-def choose_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig
-                  ) -> tuple[jax.Array, jax.Array]:
-    """Next tokens [rows] from last-position logits [rows, vocab], with their log-probs."""
+def choose_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig,
+                  banned: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Next tokens [rows] from last-position logits [rows, vocab], with their log-probs.
+
+    `banned` ids are never drawn (like top-k / top-p, a truncation of the distribution the
+    log-probs are taken from)."""
     logits = logits.astype(jnp.float32)
+    scaled = logits / config.temperature if config.temperature > 0 else logits
+    logprobs = jax.nn.log_softmax(scaled, axis=-1)
+    if banned is not None:
+        scaled = scaled.at[:, banned].set(-jnp.inf)
     if config.temperature == 0:
-        tokens = jnp.argmax(logits, axis=-1)
-        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        tokens = jnp.argmax(scaled, axis=-1)
     else:
-        scaled = logits / config.temperature
-        logprobs = jax.nn.log_softmax(scaled, axis=-1)
         tokens = jax.random.categorical(key, _truncate(scaled, config.top_k, config.top_p))
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), chosen
@@ -157,11 +162,16 @@ def make_sampler(model: Qwen2_5_VL, config: SamplingConfig, *, stop_ids: Sequenc
     `states` is the model's state as one or more `nnx.State`s (`nnx.split(model)[1:]`, or a
     train state's params and other variables); `prompts` from `prepare_prompts`; `key` a PRNG
     key (unused when greedy). `stop_ids` end an answer (Qwen's `<|im_end|>` and
-    `<|endoftext|>`); `pad_id` fills the rest of its row.
+    `<|endoftext|>`); `pad_id` fills the rest of its row. The vision tokens (image, video,
+    vision start) are never drawn: in an answer they would be read back as an image to insert
+    when the answer is trained on.
     """
     if not stop_ids:
         raise ValueError("make_sampler needs at least one stop token id")
     graphdef = nnx.graphdef(model)
+    cfg = model.config
+    banned = jnp.asarray([i for i in (cfg.image_token_id, cfg.video_token_id,
+                                      cfg.vision_start_token_id) if i is not None], jnp.int32)
     stops = jnp.asarray(list(stop_ids), jnp.int32)
     n, budget = config.group_size, config.max_new_tokens
 
@@ -175,7 +185,7 @@ def make_sampler(model: Qwen2_5_VL, config: SamplingConfig, *, stop_ids: Sequenc
         rows = batch * n
         keys = jax.random.split(key, budget)
         last = jnp.repeat(model.logits(hidden[:, -1]), n, axis=0)
-        first, first_lp = choose_tokens(last, keys[0], config)
+        first, first_lp = choose_tokens(last, keys[0], config, banned)
         tokens = jnp.full((rows, budget), pad_id, jnp.int32).at[:, 0].set(first)
         logprobs = jnp.zeros((rows, budget), jnp.float32).at[:, 0].set(first_lp)
         mask = jnp.zeros((rows, budget), jnp.int32).at[:, 0].set(1)
@@ -189,7 +199,7 @@ def make_sampler(model: Qwen2_5_VL, config: SamplingConfig, *, stop_ids: Sequenc
             step, tokens, logprobs, mask, done, cache = carry
             previous = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1)
             logits, cache = model.decode(previous, cache)
-            token, logprob = choose_tokens(logits[:, -1], keys[step], config)
+            token, logprob = choose_tokens(logits[:, -1], keys[step], config, banned)
             alive = ~done
             column = (jnp.where(alive, token, pad_id), jnp.where(alive, logprob, 0.0),
                       alive.astype(jnp.int32))
@@ -205,3 +215,12 @@ def make_sampler(model: Qwen2_5_VL, config: SamplingConfig, *, stop_ids: Sequenc
     jitted = jax.jit(sample)
     return lambda states, prompts, key=None: jitted(
         tuple(states), prompts, key if key is not None else jax.random.key(0))
+
+
+def turn_stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Qwen's end-of-turn and end-of-text tokens, whichever the tokenizer has."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    ids = [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+    if not ids:
+        raise ValueError("the tokenizer has neither <|im_end|> nor <|endoftext|>: pass stop ids")
+    return ids

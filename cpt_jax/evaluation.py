@@ -1,0 +1,84 @@
+"""Task accuracy of a model: greedy answers to a task's test split, scored by the paper's reward.
+
+The accuracy of an answer is the reward's accuracy component (`cpt_jax.data.tasks.reward_fn`):
+with chain of thought the `\\boxed{}` answer graded by mathruler, without it the direct
+answer. Decoding is greedy and stops at the end of the assistant turn; one jitted sampler
+serves every task, so an evaluation of all tasks compiles once per prompt shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grain
+import numpy as np
+from flax import nnx
+from transformers import PreTrainedTokenizerBase
+
+from cpt_jax.data.pipeline import EncodeOptions, eval_dataset
+from cpt_jax.data.tasks import reward_fn
+from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL
+from cpt_jax.rl.groups import answer_texts
+from cpt_jax.rl.sampler import (
+    Rollout,
+    SamplingConfig,
+    make_sampler,
+    prepare_prompts,
+    turn_stop_ids,
+)
+
+
+@dataclass
+class TaskAccuracy:
+    task: str
+    accuracy: float
+    n: int
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+
+def greedy_sampler(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase,
+                   max_new_tokens: int) -> Callable[..., Rollout]:
+    """The jitted greedy sampler for this model shape, stopping at the end of the turn."""
+    pad = model.config.pad_token_id
+    return make_sampler(model, SamplingConfig.greedy(max_new_tokens),
+                        stop_ids=turn_stop_ids(tokenizer), pad_id=pad if pad is not None else 0)
+
+
+def evaluate_task(model: Qwen2_5_VL, states: Sequence[nnx.State], source: grain.MapDataset, *,
+                  task: str, tokenizer: PreTrainedTokenizerBase,
+                  sample: Callable[..., Rollout], batch_size: int, options: EncodeOptions,
+                  keep_samples: int = 3) -> TaskAccuracy:
+    """Accuracy over every example of `source`, answered by `sample` with the model `states`
+    (`model` gives the shapes only)."""
+    score = reward_fn(task, cot=options.cot)
+    correct, count, samples = 0.0, 0, []
+    for batch in eval_dataset(source, task=task, tokenizer=tokenizer, batch_size=batch_size,
+                              options=options):
+        rollout = sample(states, prepare_prompts(model, batch))
+        texts = answer_texts(tokenizer, np.asarray(rollout.tokens), np.asarray(rollout.mask))
+        valid = [i for i, ok in enumerate(batch["valid"]) if ok]
+        answers = [str(batch["answer"][i]) for i in valid]
+        scores = score([texts[i] for i in valid], answers)
+        correct += sum(s["accuracy"] for s in scores)
+        count += len(valid)
+        samples += [{"prediction": texts[i], "answer": a}
+                    for i, a in zip(valid, answers, strict=True)][:keep_samples - len(samples)]
+    return TaskAccuracy(task, correct / max(1, count), count, samples)
+
+
+def evaluate_tasks(model: Qwen2_5_VL, states: Sequence[nnx.State],
+                   sources: dict[str, grain.MapDataset], *, tokenizer: PreTrainedTokenizerBase,
+                   max_new_tokens: int, batch_size: int,
+                   options: EncodeOptions) -> dict[str, TaskAccuracy]:
+    """`evaluate_task` on each task of `sources`, with one sampler."""
+    sample = greedy_sampler(model, tokenizer, max_new_tokens)
+    return {task: evaluate_task(model, states, source, task=task, tokenizer=tokenizer,
+                                sample=sample, batch_size=batch_size, options=options)
+            for task, source in sources.items()}
+
+
+def describe(results: dict[str, Any]) -> str:
+    """One line: task accuracies in %."""
+    return " ".join(f"{task} {100 * r.accuracy:.1f}" for task, r in results.items())
