@@ -1,7 +1,7 @@
 """Checkpoints with Orbax: rolling in-stage checkpoints to resume from, and each stage's final
 model, kept for good.
 
-    <output_dir>/checkpoints/rolling/<step>/   state (params, optimiser, step, key) + meta JSON
+    <output_dir>/checkpoints/rolling/<n>/      state (params, optimiser, step) + meta JSON
     <output_dir>/checkpoints/stages/<stage>/   the stage's final parameters + meta JSON
 
 `meta` holds what is not an array: the stage index, the data iterator's state, RIF pass
@@ -46,7 +46,8 @@ class Checkpoints:
         self.stages = _manager(root / "stages", ocp.CheckpointManagerOptions(create=True))
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """A rolling checkpoint at global step `step` (the oldest beyond `keep` are deleted)."""
+        """Rolling checkpoint number `step`, increasing (the oldest beyond `keep` are
+        deleted)."""
         self.rolling.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)),
                           force=True)

@@ -93,6 +93,7 @@ class Progress:
     matrix: list[list[float]]
     general: dict[str, list[float]]
     pass_counts: dict[str, Any] | None  # RIF counts of the stage (rif mode)
+    saves: int = 0  # rolling checkpoints written: the next one's number
 
     @property
     def global_step(self) -> int:
@@ -146,7 +147,7 @@ class ContinualRun:
         self.eval_sources = {t: _head(load_source(t, "test", data_dir=self.data_dir), limit)
                              for t in self.tasks + self.general}
         self.tokenizer = self._tokenizer()
-        self.model = self._model()
+        self.model = build_model(config)
         graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
         self.graphdef = graphdef
         self.params = shard_state(params, self.mesh)
@@ -208,9 +209,6 @@ class ContinualRun:
             tokenizer.save_pretrained(saved)
         return tokenizer
 
-    def _model(self) -> Qwen2_5_VL:
-        return build_model(self.config)
-
     def _needs_reference(self, kind: str) -> bool:
         return (self.config.grpo.kl_coef > 0 and self.config.grpo.reference == kind
                 and any(s.algorithm == "grpo" for s in self.stages))
@@ -269,7 +267,7 @@ class ContinualRun:
             source = self._stage_source(stage, counts)
             progress.pass_counts = counts
             progress.stage_step, progress.iterator = 0, None
-            progress.stage_steps = self._steps(stage, len(source))
+            progress.stage_steps = self._steps(stage, len(source)) if len(source) else 0
         if progress.stage_steps == 0:
             print(f"stage {stage.index} ({stage.name}): no instances left to train on",
                   flush=True)
@@ -438,8 +436,11 @@ class ContinualRun:
                           opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
     def _save(self, state: TrainState, batches: Any) -> None:
+        """A rolling checkpoint, numbered by count: a stage left with no instances (RIF)
+        starts the next at the same global step."""
         self.progress.iterator = batches.get_state()
-        self.checkpoints.save(self.progress.global_step, _arrays(state),
+        self.progress.saves += 1
+        self.checkpoints.save(self.progress.saves, _arrays(state),
                               {"progress": vars(self.progress)})
 
     def _evaluate(self) -> None:

@@ -200,3 +200,29 @@ def test_bad_input_is_one_line_before_any_work(data_dir, tmp_path):
     message = _error(["--config", config, *_overrides(data_dir, out),
                       "stages=[{task: syn_choice, steps: 2}]"])
     assert "--resume" in message
+
+
+def test_multitask_and_rif_modes(data_dir, tmp_path):
+    """multitask: one stage on both tasks' rows (their epochs' worth); rif: the pass counts of
+    each stage are saved, and a stage whose instances are all unsolvable trains no steps."""
+    config = str(ROOT / "configs/tiny_cpt.yaml")
+    out = tmp_path / "multitask"
+    assert train.main(["--config", config, *_overrides(data_dir, out), "mode=multitask",
+                       "stages=[{task: syn_choice, epochs: 1}, {task: syn_texture, "
+                       "epochs: 2}]"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert len(result["matrix"]) == 2 and result["fm"] is None
+    steps = [r for r in read_metrics(out) if r.get("event") is None]
+    assert len(steps) == -(-(16 + 2 * 16) // 8) and {r["stage"] for r in steps} == {1}
+
+    out = tmp_path / "rif"
+    assert train.main(["--config", str(ROOT / "configs/tiny_grpo.yaml"),
+                       *_overrides(data_dir, out), "mode=rif", "rif.group_size=2",
+                       "stages=[{task: syn_choice, steps: 2}]"]) == 0
+    counts = json.loads((out / "rif/stage1_syn_choice.json").read_text())
+    assert len(counts["counts"]) == 16 and counts["group_size"] == 2
+    kept = sum(c > 0 for c in counts["counts"].values())
+    steps = [r for r in read_metrics(out) if r.get("event") is None]
+    assert len(steps) == (2 if kept else 0)
+    rif = [r for r in read_metrics(out) if r.get("event") == "rif"][0]
+    assert rif["rif/kept_fraction/solvable"] == kept / 16
