@@ -42,7 +42,7 @@ def test_indivisible_or_reused_axes_are_replicated():
         None, None)
 
 
-def test_sharded_forward_and_sft_steps_equal_one_device_on_8_devices():
+def test_sharded_forward_sft_and_grpo_steps_equal_one_device_on_8_devices():
     result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
                             timeout=600, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -54,6 +54,10 @@ def test_sharded_forward_and_sft_steps_equal_one_device_on_8_devices():
         for loss, expected in zip(mesh["sft_losses"], report["sft_losses"], strict=True):
             assert abs(loss - expected) <= 1e-5 * abs(expected), (shape, loss, expected)
         assert mesh["sft_moments_sharded_like_params"], shape
+        assert mesh["grpo_param_diff"] <= 1e-5, (shape, mesh["grpo_param_diff"])
+        for loss, expected in zip(mesh["grpo_losses"], report["grpo_losses"], strict=True):
+            assert abs(loss - expected) <= 1e-5 * max(abs(expected), 1e-3), (shape, loss)
+    assert report["grpo_losses"][1] != report["grpo_losses"][0]
     mesh = report["meshes"]["(1, 4, 2)"]
     assert mesh["specs"]["embed_tokens"] == ["tp", "fsdp"]
     assert mesh["shard_shapes"]["embed_tokens"] == [256, 16]  # [512, 64] over tp 2, fsdp 4

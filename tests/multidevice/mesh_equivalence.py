@@ -4,7 +4,9 @@ For several (data, fsdp, tp) meshes it places the tiny model's parameters by the
 axes and prints, as one JSON line: the max |logit diff| of a forward pass against one device,
 the shardings and shard shapes of a few parameters, and for two SFT steps (2 micro-batches
 of 8 rows, images in some rows) the losses and the max |param diff| against one device, and
-whether the optimiser moments are sharded like their parameters."""
+whether the optimiser moments are sharded like their parameters; and the same for two GRPO
+updates (clipped policy loss + low-variance KL, 2 micro-batches) on fixed old / reference
+log-probs and advantages."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from cpt_jax.checkpoint import Checkpoints, abstract  # noqa: E402
 from cpt_jax.data.pipeline import EncodeOptions, collate  # noqa: E402
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset  # noqa: E402
 from cpt_jax.optim import make_optimizer  # noqa: E402
+from cpt_jax.rl.grpo import GRPOConfig, make_grpo_update  # noqa: E402
 from cpt_jax.sft import TrainState, make_sft_step, stack_micro_batches  # noqa: E402
 from cpt_jax.sharding import (  # noqa: E402
     make_mesh,
@@ -81,6 +84,42 @@ def _sft(mesh) -> tuple[list[float], list[np.ndarray], bool]:
     return losses, [np.asarray(p) for p in jax.tree.leaves(state.params)], same
 
 
+def _grpo_batches(model: Qwen2_5_VL) -> list[dict]:
+    """The SFT batches as GRPO update batches: the response tokens as answers, with
+    advantages per row and old / reference log-probs near the model's (ratios off 1, so the
+    clip and the KL matter)."""
+    rng = np.random.default_rng(2)
+    batches = []
+    for batch in _sft_batches(model):
+        batch = dict(batch)
+        mask = batch.pop("loss_mask")
+        shape = mask.shape
+        batch["response_mask"] = mask
+        batch["advantages"] = np.broadcast_to(rng.standard_normal(shape[:2] + (1,)),
+                                              shape).astype(np.float32)
+        batch["old_logprobs"] = (-6.0 + 0.3 * rng.standard_normal(shape)).astype(np.float32)
+        batch["ref_logprobs"] = (-6.0 + 0.3 * rng.standard_normal(shape)).astype(np.float32)
+        batches.append(batch)
+    return batches
+
+
+def _grpo(mesh) -> tuple[list[float], list[np.ndarray]]:
+    """Two GRPO updates from the same initial model, on `mesh` (None: one device)."""
+    model = Qwen2_5_VL(CONFIG, rngs=nnx.Rngs(0))
+    optimizer = make_optimizer(learning_rate=1e-4, total_steps=4, schedule="constant")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if mesh is not None:
+        params, rest = shard_state(params, mesh), shard_state(rest, mesh)
+    state = TrainState(graphdef=graphdef, params=params, rest=rest,
+                       opt_state=optimizer.init(params), step=np.zeros((), np.int32))
+    update = make_grpo_update(model, optimizer, GRPOConfig(group_size=4, micro_batch_rows=8))
+    losses = []
+    for batch in _grpo_batches(model):
+        state, metrics = update(state, batch if mesh is None else shard_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    return losses, [np.asarray(p) for p in jax.tree.leaves(state.params)]
+
+
 def main() -> None:
     model = Qwen2_5_VL(CONFIG, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
@@ -94,7 +133,9 @@ def main() -> None:
 
     reference = np.asarray(logits(state, ids, positions, mask))
     sft_losses, sft_params, _ = _sft(None)
-    report = {"devices": jax.device_count(), "sft_losses": sft_losses, "meshes": {}}
+    grpo_losses, grpo_params = _grpo(None)
+    report = {"devices": jax.device_count(), "sft_losses": sft_losses,
+              "grpo_losses": grpo_losses, "meshes": {}}
     for shape in MESHES:
         mesh = make_mesh(shape)
         sharded = shard_state(state, mesh)
@@ -105,12 +146,16 @@ def main() -> None:
             "k_proj": sharded["language_model"]["layers"]["self_attn"]["k_proj"]["kernel"],
         }
         losses, params_after, moments_sharded = _sft(mesh)
+        rl_losses, rl_params = _grpo(mesh)
         report["meshes"][str(shape)] = {
             "max_diff": float(np.abs(out - reference).max()),
             "sft_losses": losses,
             "sft_param_diff": max(float(np.abs(a - b).max())
                                   for a, b in zip(params_after, sft_params, strict=True)),
             "sft_moments_sharded_like_params": moments_sharded,
+            "grpo_losses": rl_losses,
+            "grpo_param_diff": max(float(np.abs(a - b).max())
+                                   for a, b in zip(rl_params, grpo_params, strict=True)),
             "specs": {k: [list(a) if isinstance(a, tuple) else a for a in v.sharding.spec]
                       for k, v in params.items()},
             "shard_shapes": {k: list(v.addressable_shards[0].data.shape)
