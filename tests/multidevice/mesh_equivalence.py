@@ -18,14 +18,14 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from batches import CONFIG, sft_batches  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from cpt_jax.checkpoint import Checkpoints, abstract  # noqa: E402
-from cpt_jax.data.pipeline import EncodeOptions, collate  # noqa: E402
-from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset  # noqa: E402
+from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL  # noqa: E402
 from cpt_jax.optim import make_optimizer  # noqa: E402
 from cpt_jax.rl.grpo import GRPOConfig, make_grpo_update  # noqa: E402
-from cpt_jax.sft import TrainState, make_sft_step, stack_micro_batches  # noqa: E402
+from cpt_jax.sft import TrainState, make_sft_step  # noqa: E402
 from cpt_jax.sharding import (  # noqa: E402
     make_mesh,
     shard_batch,
@@ -33,35 +33,7 @@ from cpt_jax.sharding import (  # noqa: E402
     state_shardings,
 )
 
-CONFIG = preset("tiny")
-
 MESHES = ((8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2))
-
-
-def _example(rng: np.random.Generator, with_image: bool) -> dict:
-    """An encoded SFT example: text, an image's placeholder tokens if asked, a response."""
-    image, patches, grids = [], [], []
-    if with_image:
-        image = ([CONFIG.vision_start_token_id] + [CONFIG.image_token_id] * 4
-                 + [CONFIG.vision_end_token_id])
-        patches = [rng.standard_normal((16, CONFIG.vision.patch_dim), dtype=np.float32)]
-        grids = [(1, 4, 4)]
-    ids = rng.integers(0, 490, 6).tolist() + image + rng.integers(0, 490, 6).tolist()
-    response = int(rng.integers(2, 6))
-    return {"input_ids": np.asarray(ids, np.int32),
-            "loss_mask": np.asarray([0] * (len(ids) - response) + [1] * response, np.int32),
-            "patches": patches, "grids": grids, "instance_id": 0, "answer": ""}
-
-
-def _sft_batches(model: Qwen2_5_VL) -> list[dict]:
-    rng = np.random.default_rng(1)
-    options = EncodeOptions(length_buckets=(32,), min_patches=128)
-    steps = []
-    for _ in range(2):
-        micro = [collate([_example(rng, i % 3 == 0) for i in range(8)], options=options,
-                         pad_id=CONFIG.pad_token_id, left_pad=False) for _ in range(2)]
-        steps.append(stack_micro_batches(micro, model))
-    return steps
 
 
 def _sft(mesh) -> tuple[list[float], list[np.ndarray], bool]:
@@ -75,7 +47,7 @@ def _sft(mesh) -> tuple[list[float], list[np.ndarray], bool]:
                        opt_state=optimizer.init(params), step=np.zeros((), np.int32))
     step = make_sft_step(model, optimizer, micro_batches=2)
     losses = []
-    for batch in _sft_batches(model):
+    for batch in sft_batches(model):
         state, metrics = step(state, batch if mesh is None else shard_batch(batch, mesh))
         losses.append(float(metrics["loss"]))
     mu = state.opt_state.inner_state[1].mu  # the chain: clip, scale_by_adam, decay, lr
@@ -90,7 +62,7 @@ def _grpo_batches(model: Qwen2_5_VL) -> list[dict]:
     clip and the KL matter)."""
     rng = np.random.default_rng(2)
     batches = []
-    for batch in _sft_batches(model):
+    for batch in sft_batches(model):
         batch = dict(batch)
         mask = batch.pop("loss_mask")
         shape = mask.shape

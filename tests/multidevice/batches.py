@@ -1,0 +1,38 @@
+"""Fixed SFT batches for the tiny model, shared by the multi-device scripts (no environment
+set-up here: each script sets its device count before jax loads)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cpt_jax.data.pipeline import EncodeOptions, collate
+from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset
+from cpt_jax.sft import stack_micro_batches
+
+CONFIG = preset("tiny")
+
+
+def example(rng: np.random.Generator, with_image: bool) -> dict:
+    """An encoded SFT example: text, an image's placeholder tokens if asked, a response."""
+    image, patches, grids = [], [], []
+    if with_image:
+        image = ([CONFIG.vision_start_token_id] + [CONFIG.image_token_id] * 4
+                 + [CONFIG.vision_end_token_id])
+        patches = [rng.standard_normal((16, CONFIG.vision.patch_dim), dtype=np.float32)]
+        grids = [(1, 4, 4)]
+    ids = rng.integers(0, 490, 6).tolist() + image + rng.integers(0, 490, 6).tolist()
+    response = int(rng.integers(2, 6))
+    return {"input_ids": np.asarray(ids, np.int32),
+            "loss_mask": np.asarray([0] * (len(ids) - response) + [1] * response, np.int32),
+            "patches": patches, "grids": grids, "instance_id": 0, "answer": ""}
+
+
+def sft_batches(model: Qwen2_5_VL) -> list[dict]:
+    rng = np.random.default_rng(1)
+    options = EncodeOptions(length_buckets=(32,), min_patches=128)
+    steps = []
+    for _ in range(2):
+        micro = [collate([example(rng, i % 3 == 0) for i in range(8)], options=options,
+                         pad_id=CONFIG.pad_token_id, left_pad=False) for _ in range(2)]
+        steps.append(stack_micro_batches(micro, model))
+    return steps
