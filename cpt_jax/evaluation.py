@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import grain
 import numpy as np
@@ -66,19 +65,3 @@ def evaluate_task(model: Qwen2_5_VL, states: Sequence[nnx.State], source: grain.
         samples += [{"prediction": texts[i], "answer": a}
                     for i, a in zip(valid, answers, strict=True)][:keep_samples - len(samples)]
     return TaskAccuracy(task, correct / max(1, count), count, samples)
-
-
-def evaluate_tasks(model: Qwen2_5_VL, states: Sequence[nnx.State],
-                   sources: dict[str, grain.MapDataset], *, tokenizer: PreTrainedTokenizerBase,
-                   max_new_tokens: int, batch_size: int,
-                   options: EncodeOptions) -> dict[str, TaskAccuracy]:
-    """`evaluate_task` on each task of `sources`, with one sampler."""
-    sample = greedy_sampler(model, tokenizer, max_new_tokens)
-    return {task: evaluate_task(model, states, source, task=task, tokenizer=tokenizer,
-                                sample=sample, batch_size=batch_size, options=options)
-            for task, source in sources.items()}
-
-
-def describe(results: dict[str, Any]) -> str:
-    """One line: task accuracies in %."""
-    return " ".join(f"{task} {100 * r.accuracy:.1f}" for task, r in results.items())

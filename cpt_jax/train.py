@@ -49,7 +49,7 @@ from cpt_jax.data import build
 from cpt_jax.data.pipeline import EncodeOptions, rl_dataset, sft_dataset
 from cpt_jax.data.sources import SourceNotBuiltError, load_source
 from cpt_jax.data.tasks import SYNTHETIC_GENERAL, SYNTHETIC_PRETRAIN, SYNTHETIC_STAGES, reward_fn
-from cpt_jax.data.tokenizer import build_tokenizer, preset_special_tokens
+from cpt_jax.data.tokenizer import task_tokenizer
 from cpt_jax.evaluation import evaluate_task, greedy_sampler
 from cpt_jax.metrics_log import MetricsLog
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, from_pretrained, preset
@@ -195,16 +195,8 @@ class ContinualRun:
         saved = self.out / TOKENIZER_DIR
         if saved.exists():
             return AutoTokenizer.from_pretrained(saved)
-        corpus = []
-        for task in _unique(SYNTHETIC_STAGES + SYNTHETIC_PRETRAIN + tuple(self.tasks)):
-            try:
-                rows = load_source(task, "train", data_dir=self.data_dir)
-            except SourceNotBuiltError:
-                continue
-            corpus += [text for row in rows for text in (row["problem"], row["answer"])]
-        tokenizer = build_tokenizer(vocab_size=preset(model.preset).text.vocab_size,
-                                    special_token_ids=preset_special_tokens(preset(model.preset)),
-                                    corpus=corpus)
+        tokenizer = task_tokenizer(preset(model.preset), self.data_dir,
+                                   SYNTHETIC_STAGES + SYNTHETIC_PRETRAIN + tuple(self.tasks))
         if self.leader:
             tokenizer.save_pretrained(saved)
         return tokenizer

@@ -17,7 +17,8 @@ encodes to (like Qwen's embedding rows beyond its tokenizer), so no id is a hole
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Sequence
 
 from tokenizers import (
     AddedToken,
@@ -32,6 +33,8 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerFast
 
+from cpt_jax.data.sources import SourceNotBuiltError, load_source
+from cpt_jax.data.tasks import COT_SUFFIX, NO_COT_SUFFIX, SYNTHETIC_PRETRAIN, SYNTHETIC_STAGES
 from cpt_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 
 # Qwen2.5-VL's special tokens that this project uses (Qwen's ids 151643..151656).
@@ -145,6 +148,23 @@ def build_tokenizer(
         chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
     )
+
+
+def task_tokenizer(config: Qwen2_5_VLConfig, data_dir: os.PathLike | str,
+                   tasks: Sequence[str] = SYNTHETIC_STAGES + SYNTHETIC_PRETRAIN
+                   ) -> PreTrainedTokenizerFast:
+    """A BPE for a preset model trained on the prompt suffixes and the problems and answers
+    of `tasks`' built train splits (tasks not built in `data_dir` are left out)."""
+    corpus = [COT_SUFFIX, NO_COT_SUFFIX]
+    for task in dict.fromkeys(tasks):
+        try:
+            rows = load_source(task, "train", data_dir=data_dir)
+        except SourceNotBuiltError:
+            continue
+        for example in rows:
+            corpus += [example["problem"], example["answer"]]
+    return build_tokenizer(vocab_size=config.text.vocab_size,
+                           special_token_ids=preset_special_tokens(config), corpus=corpus)
 
 
 def preset_special_tokens(config: Qwen2_5_VLConfig) -> dict[str, int]:

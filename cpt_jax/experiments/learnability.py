@@ -37,14 +37,12 @@ from cpt_jax.data.pipeline import EncodeOptions, eval_dataset, sft_dataset
 from cpt_jax.data.sources import load_source
 from cpt_jax.data.synthetic import SYNTHETIC_MAX_PIXELS, SYNTHETIC_MIN_PIXELS
 from cpt_jax.data.tasks import (
-    COT_SUFFIX,
-    NO_COT_SUFFIX,
     SYNTHETIC_GENERAL,
     SYNTHETIC_PRETRAIN,
     SYNTHETIC_STAGES,
     get_task,
 )
-from cpt_jax.data.tokenizer import build_tokenizer, preset_special_tokens
+from cpt_jax.data.tokenizer import task_tokenizer
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset, save_pretrained
 from cpt_jax.optim import make_optimizer
 from cpt_jax.rewards import exact_match
@@ -85,17 +83,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if min(args.steps, args.eval_examples, args.train_examples, args.new_tokens) < 1:
         parser.error("--steps, --eval-examples, --train-examples and --new-tokens must be >= 1")
     return args
-
-
-def make_tokenizer(config: Any, data_dir: Path) -> PreTrainedTokenizerBase:
-    """A BPE for the preset trained on the stage and pre-training tasks' train problems,
-    answers and the prompt suffixes."""
-    corpus = [COT_SUFFIX, NO_COT_SUFFIX]
-    for task in SYNTHETIC_STAGES + SYNTHETIC_PRETRAIN:
-        for example in load_source(task, "train", data_dir=data_dir):
-            corpus += [example["problem"], example["answer"]]
-    return build_tokenizer(vocab_size=config.text.vocab_size,
-                           special_token_ids=preset_special_tokens(config), corpus=corpus)
 
 
 def greedy_sampler(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase,
@@ -249,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        str(data_dir)]) != 0:
             return 1
         config = preset(args.preset)
-        tokenizer = make_tokenizer(config, data_dir)
+        tokenizer = task_tokenizer(config, data_dir)
         model = Qwen2_5_VL(config, dtype=jnp.dtype(args.dtype), param_dtype=jnp.float32,
                            rngs=nnx.Rngs(args.seed))
         eval_kw = {"examples": args.eval_examples, "batch_size": args.batch_size,

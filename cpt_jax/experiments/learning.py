@@ -38,12 +38,12 @@ from cpt_jax.data import build
 from cpt_jax.data.pipeline import rl_dataset, sft_dataset
 from cpt_jax.data.sources import load_source
 from cpt_jax.data.tasks import SYNTHETIC_STAGES, reward_fn
+from cpt_jax.data.tokenizer import task_tokenizer
 from cpt_jax.experiments.learnability import (
     OPTIONS,
     evaluate_task,
     git_commit,
     greedy_sampler,
-    make_tokenizer,
 )
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, from_pretrained, preset, save_pretrained
 from cpt_jax.optim import make_optimizer
@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     config = preset(args.preset)
-    tokenizer = make_tokenizer(config, data_dir)
+    tokenizer = task_tokenizer(config, data_dir)
     task = args.task
     train = load_source(task, "train", data_dir=data_dir)
     measure = Measure(tokenizer, data_dir, task, args)
