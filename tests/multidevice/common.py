@@ -1,13 +1,17 @@
-"""Fixed SFT batches for the tiny model, shared by the multi-device scripts (no environment
-set-up here: each script sets its device count before jax loads)."""
+"""The tiny model's training state and fixed SFT batches, shared by the multi-device scripts
+(no environment set-up here: each script sets its device count before jax loads)."""
 
 from __future__ import annotations
 
 import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
 
 from cpt_jax.data.pipeline import EncodeOptions, collate
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset
-from cpt_jax.sft import stack_micro_batches
+from cpt_jax.sft import TrainState, stack_micro_batches
+from cpt_jax.sharding import shard_state
 
 CONFIG = preset("tiny")
 
@@ -36,3 +40,15 @@ def sft_batches(model: Qwen2_5_VL) -> list[dict]:
                          pad_id=CONFIG.pad_token_id, left_pad=False) for _ in range(2)]
         steps.append(stack_micro_batches(micro, model))
     return steps
+
+
+def train_state(optimizer: optax.GradientTransformation,
+                mesh: Mesh | None) -> tuple[Qwen2_5_VL, TrainState]:
+    """The tiny model (seed 0) and its first training state, placed on `mesh` by the logical
+    axes (None: one device)."""
+    model = Qwen2_5_VL(CONFIG, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if mesh is not None:
+        params, rest = shard_state(params, mesh), shard_state(rest, mesh)
+    return model, TrainState(graphdef=graphdef, params=params, rest=rest,
+                             opt_state=optimizer.init(params), step=np.zeros((), np.int32))

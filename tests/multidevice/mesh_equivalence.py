@@ -18,14 +18,14 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from batches import CONFIG, sft_batches  # noqa: E402
+from common import CONFIG, sft_batches, train_state  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from cpt_jax.checkpoint import Checkpoints, abstract  # noqa: E402
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL  # noqa: E402
 from cpt_jax.optim import make_optimizer  # noqa: E402
 from cpt_jax.rl.grpo import GRPOConfig, make_grpo_update  # noqa: E402
-from cpt_jax.sft import TrainState, make_sft_step  # noqa: E402
+from cpt_jax.sft import make_sft_step  # noqa: E402
 from cpt_jax.sharding import (  # noqa: E402
     make_mesh,
     shard_batch,
@@ -38,13 +38,8 @@ MESHES = ((8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2))
 
 def _sft(mesh) -> tuple[list[float], list[np.ndarray], bool]:
     """Two SFT steps from the same initial model, on `mesh` (None: one device)."""
-    model = Qwen2_5_VL(CONFIG, rngs=nnx.Rngs(0))
     optimizer = make_optimizer(learning_rate=1e-4, total_steps=4)  # the scale of the paper's 1e-5
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    if mesh is not None:
-        params, rest = shard_state(params, mesh), shard_state(rest, mesh)
-    state = TrainState(graphdef=graphdef, params=params, rest=rest,
-                       opt_state=optimizer.init(params), step=np.zeros((), np.int32))
+    model, state = train_state(optimizer, mesh)
     step = make_sft_step(model, optimizer, micro_batches=2)
     losses = []
     for batch in sft_batches(model):
@@ -77,13 +72,8 @@ def _grpo_batches(model: Qwen2_5_VL) -> list[dict]:
 
 def _grpo(mesh) -> tuple[list[float], list[np.ndarray]]:
     """Two GRPO updates from the same initial model, on `mesh` (None: one device)."""
-    model = Qwen2_5_VL(CONFIG, rngs=nnx.Rngs(0))
     optimizer = make_optimizer(learning_rate=1e-4, total_steps=4, schedule="constant")
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    if mesh is not None:
-        params, rest = shard_state(params, mesh), shard_state(rest, mesh)
-    state = TrainState(graphdef=graphdef, params=params, rest=rest,
-                       opt_state=optimizer.init(params), step=np.zeros((), np.int32))
+    model, state = train_state(optimizer, mesh)
     update = make_grpo_update(model, optimizer, GRPOConfig(group_size=4, micro_batch_rows=8))
     losses = []
     for batch in _grpo_batches(model):

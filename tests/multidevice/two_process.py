@@ -28,25 +28,20 @@ if NUM_PROCESSES > 1:
                                process_id=PROCESS_ID)
 
 import numpy as np  # noqa: E402
-from batches import CONFIG, sft_batches  # noqa: E402
+from common import sft_batches, train_state  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from cpt_jax.checkpoint import Checkpoints, abstract  # noqa: E402
-from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL  # noqa: E402
 from cpt_jax.optim import make_optimizer  # noqa: E402
-from cpt_jax.sft import TrainState, make_sft_step  # noqa: E402
-from cpt_jax.sharding import make_mesh, shard_batch, shard_state  # noqa: E402
+from cpt_jax.sft import make_sft_step  # noqa: E402
+from cpt_jax.sharding import make_mesh, shard_batch  # noqa: E402
 
 
 def main() -> None:
     mesh = make_mesh((1, jax.device_count(), 1))
-    model = Qwen2_5_VL(CONFIG, rngs=nnx.Rngs(0))
     optimizer = make_optimizer(learning_rate=1e-4, total_steps=4)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = shard_state(params, mesh), shard_state(rest, mesh)
-    state = TrainState(graphdef=graphdef, params=params, rest=rest,
-                       opt_state=optimizer.init(params), step=np.zeros((), np.int32))
+    model, state = train_state(optimizer, mesh)
     step = make_sft_step(model, optimizer, micro_batches=2)
     losses = []
     for batch in sft_batches(model):
