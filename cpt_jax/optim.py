@@ -10,12 +10,16 @@ so 0 under a warm-up), with `ceil(warmup_ratio * total_steps)` warm-up steps as 
 Trainer counts them. The learning rate, weight decay and clip norm are injected
 hyperparameters: the optimiser state carries the learning rate of its last update, which
 `current_learning_rate` reads for logging.
+
+`vision_lr_scale` gives the vision tower (the parameters under `visual`) its own learning rate,
+that many times the schedule's: a vision tower trained from random init at the language model's
+rate collapses (every image token alike, huge feature norms), as the CPU experiments found.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -52,25 +56,49 @@ def make_optimizer(*, learning_rate: float, total_steps: int, warmup_ratio: floa
                    schedule: Literal["cosine", "constant"] = "cosine",
                    weight_decay: float = 0.01, grad_clip: float = 1.0, b1: float = 0.9,
                    b2: float = 0.999, eps: float = 1e-8,
-                   moments_dtype: jnp.dtype | None = None) -> optax.GradientTransformation:
+                   moments_dtype: jnp.dtype | None = None,
+                   vision_lr_scale: float = 1.0) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW (decoupled weight decay, as torch's AdamW).
+
+    With `vision_lr_scale` s != 1, the updates of the parameters under `visual` are scaled by s
+    after the learning rate (so their weight decay too, as a torch parameter group with lr * s);
+    clipping still takes the global norm over all gradients. With s == 1 the optimiser and its
+    state are exactly those without the option.
 
     `moments_dtype` stores BOTH Adam moments in that dtype (optax's `mu_dtype` covers only the
     first); the update itself is computed in float32 and the moments are rounded on storage.
     Caveat of bf16 storage: with b2 = 0.999 an increment of the second moment below its
     half-ulp (about 0.2 %) is lost, as in the paper's bf16 state.
     """
+    if vision_lr_scale < 0:
+        raise ValueError(f"vision_lr_scale must be >= 0, got {vision_lr_scale}")
     lr = make_schedule(learning_rate=learning_rate, total_steps=total_steps,
                        warmup_ratio=warmup_ratio, schedule=schedule)
-    return optax.inject_hyperparams(_clipped_adamw, static_args=("b1", "b2", "eps",
-                                                                 "moments_dtype"))(
+    optimizer = optax.inject_hyperparams(
+        _clipped_adamw, static_args=("b1", "b2", "eps", "moments_dtype"))(
         learning_rate=lr, weight_decay=weight_decay, grad_clip=grad_clip, b1=b1, b2=b2,
         eps=eps, moments_dtype=moments_dtype)
+    if vision_lr_scale == 1.0:
+        return optimizer
+    return optax.chain(optimizer, _scale_subtree("visual", vision_lr_scale))
 
 
 def current_learning_rate(opt_state: optax.OptState) -> jax.Array:
-    """The learning rate of the last update made with a `make_optimizer` state."""
+    """The learning rate of the last update made with a `make_optimizer` state (the schedule's;
+    the vision tower's is `vision_lr_scale` times it)."""
+    if not hasattr(opt_state, "hyperparams"):
+        opt_state = opt_state[0]  # chained with _scale_subtree: (AdamW's state, empty state)
     return opt_state.hyperparams["learning_rate"]
+
+
+def _scale_subtree(key: str, scale: float) -> optax.GradientTransformation:
+    """Multiply the updates under the top-level `key` by `scale` (stateless)."""
+    def factor(path: tuple[Any, ...]) -> float:
+        name = getattr(path[0], "key", getattr(path[0], "name", None)) if path else None
+        return scale if name == key else 1.0
+
+    return optax.stateless(lambda updates, params: jax.tree_util.tree_map_with_path(
+        lambda path, u: u * jnp.asarray(factor(path), u.dtype), updates))
 
 
 def _clipped_adamw(learning_rate: float, weight_decay: float, grad_clip: float, b1: float,

@@ -172,6 +172,34 @@ def test_optimizer_clips_the_gradient_and_decays_weights_decoupled():
     np.testing.assert_allclose(updates["w"], -0.1 * 0.01 * 0.5, rtol=1e-6)
 
 
+def test_vision_lr_scale_moves_the_vision_tower_by_exactly_the_scaled_step():
+    rng = np.random.default_rng(4)
+    batch = _batch([_example(rng, 4, (1, 4, 4)), _example(rng, 3, (1, 4, 4), prompt=12)])
+    deltas, structures = {}, {}
+    for scale in (1.0, 0.1):
+        optimizer = make_optimizer(learning_rate=1e-2, total_steps=10, schedule="constant",
+                                   weight_decay=0.1, vision_lr_scale=scale)
+        model = _model()
+        before = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+        state = TrainState.create(model, optimizer)
+        step = make_sft_step(model, optimizer, micro_batches=1)
+        state, metrics = step(state, stack_micro_batches([batch], model))
+        assert float(metrics["learning_rate"]) == pytest.approx(1e-2)  # the schedule's, logged
+        structures[scale] = jax.tree.structure(state.opt_state)
+        deltas[scale] = jax.tree.map(lambda new, old: np.asarray(new) - old, state.params,
+                                     before)
+    assert structures[1.0] == jax.tree.structure(
+        make_optimizer(learning_rate=1e-2, total_steps=10).init(state.params))
+    for part, factor in (("visual", 0.1), ("language_model", 1.0)):
+        reference, scaled = jax.tree.leaves(deltas[1.0][part]), jax.tree.leaves(deltas[0.1][part])
+        assert len(reference) == len(scaled) > 0
+        for r, x in zip(reference, scaled, strict=True):
+            assert np.abs(r).max() > 1e-3  # every tensor moved (Adam's first step: ~lr)
+            np.testing.assert_allclose(x, factor * r, rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="vision_lr_scale"):
+        make_optimizer(learning_rate=1e-3, total_steps=1, vision_lr_scale=-1.0)
+
+
 def test_bf16_moments_stay_bf16_and_the_loss_falls():
     rng = np.random.default_rng(3)
     batch = _batch([_example(rng, 6, None), _example(rng, 4, None, prompt=14)])
