@@ -3,6 +3,7 @@ dataclasses before anything is built or compiled.
 
     config = load_run_config("configs/tiny_cpt.yaml", ["grpo.optim.learning_rate=2e-6"])
 
+A file may start from another (`base: other.yaml`, relative to it) and set only what differs.
 OmegaConf's structured configs do the typing (an unknown key or a value of the wrong type is
 refused, naming it); `check` adds the rules that span fields (a batch that does not divide
 over the mesh, a group of one for GRPO, a stage on a task that does not exist, ...). Every
@@ -188,13 +189,13 @@ def load_run_config(path: os.PathLike | str | None, overrides: Sequence[str] = (
     typed and checked. `device_count` enables the mesh checks."""
     merged: DictConfig = OmegaConf.structured(RunConfig)
     if path is not None:
-        source = Path(path)
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(source))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {source} does not exist") from None
-        except OmegaConfBaseException as error:
-            raise ConfigError(f"{source}: {_one_line(error)}") from None
+        for source in _config_chain(Path(path)):
+            try:
+                layer = OmegaConf.load(source)
+                layer.pop("base", None)
+                merged = OmegaConf.merge(merged, layer)
+            except OmegaConfBaseException as error:
+                raise ConfigError(f"{source}: {_one_line(error)}") from None
     for override in overrides:
         key, equals, raw = override.partition("=")
         if not equals or not key:
@@ -209,6 +210,26 @@ def load_run_config(path: os.PathLike | str | None, overrides: Sequence[str] = (
     config: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     check(config, device_count=device_count)
     return config
+
+
+def _config_chain(path: Path) -> list[Path]:
+    """The file and the files its `base:` key names (relative to it), base first: a config
+    that differs from another in a few keys says only those."""
+    chain: list[Path] = []
+    while True:
+        if not path.exists():
+            named = f" (the base of {chain[0]})" if chain else ""
+            raise ConfigError(f"config file {path}{named} does not exist")
+        if path.resolve() in (p.resolve() for p in chain):
+            raise ConfigError(f"{chain[-1]}: `base:` files form a cycle at {path}")
+        chain.insert(0, path)
+        try:
+            base = OmegaConf.load(path).get("base")
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"{path}: {_one_line(error)}") from None
+        if base is None:
+            return chain
+        path = path.parent / str(base)
 
 
 def _choice(value: Any, allowed: Sequence[str], key: str) -> None:
@@ -291,7 +312,8 @@ def check(config: RunConfig, *, device_count: int | None = None) -> None:
         data, fsdp, _ = mesh_shape(config.mesh, device_count)
         shards = data * fsdp
         micro = config.sft.batch_size // config.sft.micro_batches
-        if micro % shards:
+        sft_stages = [s for s in config.stages if stage_algorithm(config, s) == "sft"]
+        if sft_stages and micro % shards:
             raise ConfigError(f"sft: a micro-batch of {micro} rows does not divide over the "
                               f"mesh's {shards} data x fsdp shards")
         if grpo_stages and config.grpo.micro_batch_rows % shards:

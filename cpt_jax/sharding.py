@@ -62,6 +62,17 @@ def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
     return PartitionSpec(*spec)
 
 
+def constrain(x: jax.Array, axes: Sequence[str | None],
+              rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES) -> jax.Array:
+    """Pins an activation's sharding by its logical axes under a mesh set with `jax.set_mesh`
+    (a no-op without one): left to itself, XLA's propagation may gather a batch onto every
+    device to match the fsdp-sharded weights, which multiplies activation memory."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_spec(axes, x.shape, mesh, rules))
+
+
 def state_shardings(state: nnx.State, mesh: Mesh,
                     rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES) -> nnx.State:
     """The state with each variable's array replaced by its NamedSharding (same tree
@@ -89,17 +100,22 @@ BATCH_AXIS = {"input_ids": 1, "attention_mask": 1, "loss_mask": 1, "response_mas
               "old_logprobs": 1, "ref_logprobs": 1, "advantages": 1, "positions": 2}
 
 
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """A stacked step batch on the mesh: rows split over data x fsdp (where they divide),
-    everything else (the packed image patches, whose rows do not align with the batch's)
-    replicated."""
+def batch_shardings(batch: dict, mesh: Mesh) -> dict:
+    """The NamedSharding of each array of a stacked step batch: rows split over data x fsdp
+    (where they divide), everything else (the packed image patches, whose rows do not align
+    with the batch's) replicated."""
 
-    def place(key: str, value):
+    def sharding(key: str, value) -> NamedSharding:
         if key not in BATCH_AXIS:
-            return jax.device_put(value, NamedSharding(mesh, PartitionSpec()))
+            return NamedSharding(mesh, PartitionSpec())
         axes = [None] * np.ndim(value)
         axes[BATCH_AXIS[key]] = "batch"
-        spec = logical_spec(axes, np.shape(value), mesh)
-        return jax.device_put(value, NamedSharding(mesh, spec))
+        return NamedSharding(mesh, logical_spec(axes, np.shape(value), mesh))
 
-    return {key: place(key, value) for key, value in batch.items()}
+    return {key: jax.tree.map(lambda v, k=key: sharding(k, v), value)
+            for key, value in batch.items()}
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """A stacked step batch placed on the mesh by `batch_shardings`."""
+    return jax.device_put(batch, batch_shardings(batch, mesh))

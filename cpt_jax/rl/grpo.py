@@ -107,6 +107,14 @@ def make_logprob_fn(model: nnx.Module, temperature: float
                     ) -> Callable[[Sequence[nnx.State], UpdateBatch], jax.Array]:
     """`fn(states, batch) -> logprobs [M, m, L]` over stacked micro-batches, one jitted program
     (for the old policy's and the reference model's log-probs; no gradients)."""
+    fn = logprob_program(model, temperature)
+    return lambda states, batch: fn(tuple(states), batch)
+
+
+def logprob_program(model: nnx.Module, temperature: float
+                    ) -> Callable[[tuple[nnx.State, ...], UpdateBatch], jax.Array]:
+    """`make_logprob_fn`'s jitted program itself (states as a tuple): what `cpt_jax.plan`
+    compiles as the reference forward."""
     graphdef = nnx.graphdef(model)
 
     @jax.jit
@@ -114,7 +122,7 @@ def make_logprob_fn(model: nnx.Module, temperature: float
         model = nnx.merge(graphdef, *states)
         return jax.lax.map(lambda micro: token_logprobs(model, micro, temperature)[0], batch)
 
-    return lambda states, batch: fn(tuple(states), batch)
+    return fn
 
 
 def grpo_loss(model: Qwen2_5_VL, micro: UpdateBatch, config: GRPOConfig

@@ -166,6 +166,15 @@ def make_sampler(model: Qwen2_5_VL, config: SamplingConfig, *, stop_ids: Sequenc
     vision start) are never drawn: in an answer they would be read back as an image to insert
     when the answer is trained on.
     """
+    jitted = sampler_program(model, config, stop_ids=stop_ids, pad_id=pad_id)
+    return lambda states, prompts, key=None: jitted(
+        tuple(states), prompts, key if key is not None else jax.random.key(0))
+
+
+def sampler_program(model: Qwen2_5_VL, config: SamplingConfig, *, stop_ids: Sequence[int],
+                    pad_id: int) -> Callable[..., Rollout]:
+    """`make_sampler`'s jitted program itself, `(states tuple, prompts, key) -> Rollout`: what
+    `cpt_jax.plan` lowers and compiles for a TPU topology."""
     if not stop_ids:
         raise ValueError("make_sampler needs at least one stop token id")
     graphdef = nnx.graphdef(model)
@@ -212,9 +221,7 @@ def make_sampler(model: Qwen2_5_VL, config: SamplingConfig, *, stop_ids: Sequenc
         _, tokens, logprobs, mask, done, _ = jax.lax.while_loop(not_finished, decode_one, carry)
         return Rollout(tokens, logprobs, mask, mask.sum(axis=-1), done)
 
-    jitted = jax.jit(sample)
-    return lambda states, prompts, key=None: jitted(
-        tuple(states), prompts, key if key is not None else jax.random.key(0))
+    return jax.jit(sample)
 
 
 def turn_stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

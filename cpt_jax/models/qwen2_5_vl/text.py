@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cpt_jax.sharding import constrain
+
 from .config import TextConfig
 from .layers import (
     Dense,
@@ -43,6 +45,12 @@ class KVCache(NamedTuple):
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32),
                    jnp.zeros((batch,), jnp.int32))
+
+
+# Logical axes of the hidden states [b, s, hidden] and of the stacked cache
+# [layers, b, slots, kv_heads, head_dim], pinned under a mesh (cpt_jax.sharding.constrain).
+ACTIVATION_AXES = ("batch", None, None)
+CACHE_AXES = (None, "batch", None, "kv_heads", None)
 
 
 class CacheSlot(NamedTuple):
@@ -147,6 +155,7 @@ class TextDecoder(nnx.Module):
         Returns the final-normed hidden states [b, s, hidden] and the updated cache.
         """
         seq = embeds.shape[1]
+        embeds = constrain(embeds, ACTIVATION_AXES)
         attention_mask = attention_mask.astype(bool)
         cos, sin = mrope_cos_sin(positions, self.config, self.dtype)
         if cache is None:
@@ -154,7 +163,7 @@ class TextDecoder(nnx.Module):
             mask = causal[None] & attention_mask[:, None, :]
 
             def step(layer, x, _):
-                return layer(x, cos, sin, mask, None)[0], None
+                return constrain(layer(x, cos, sin, mask, None)[0], ACTIVATION_AXES), None
 
             x, _ = scan_layers(self.layers, step, embeds, remat=self.remat)
             return self.norm(x), None
@@ -167,7 +176,8 @@ class TextDecoder(nnx.Module):
         def cached_step(layer, carry, layer_index):
             x, k, v = carry
             x, slot = layer(x, cos, sin, mask, CacheSlot(k, v, layer_index, index))
-            return (x, slot.k, slot.v), None
+            return (constrain(x, ACTIVATION_AXES), constrain(slot.k, CACHE_AXES),
+                    constrain(slot.v, CACHE_AXES)), None
 
         layer_indices = jnp.arange(self.config.num_hidden_layers)
         (x, k, v), _ = scan_layers(self.layers, cached_step, (embeds, cache.k, cache.v),
