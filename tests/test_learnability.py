@@ -13,20 +13,23 @@ def test_learnability_writes_results_and_table(tmp_path):
     assert learnability.main(["--out", str(out), "--preset", "tiny", "--steps", "3",
                               "--eval-examples", "8", "--train-examples", "8",
                               "--new-tokens", "2", "--caption-weight", "1",
+                              "--caption-warmup", "1", "--blind-baseline",
                               "--save", str(tmp_path / "model"),
                               "--data-dir", str(tmp_path / "tfds")]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["preset"] == "tiny" and results["steps"] == 3
-    assert results["caption_weight"] == 1
+    assert results["caption_weight"] == 1 and results["caption_warmup"] == 1
+    assert results["vision_lr_scale"] == 0.1 and results["blind_baseline"]
     assert (tmp_path / "model" / "config.json").exists()
     assert (tmp_path / "model" / "tokenizer.json").exists()
     assert set(results["tasks"]) == set(SYNTHETIC_STAGES + SYNTHETIC_GENERAL)
     for task, row in results["tasks"].items():
         assert row["n"] == 8, task
-        for key in ("untrained", "trained", "majority"):
+        for key in ("untrained", "trained", "majority", "blank", "blind"):
             assert 0.0 <= row[key] <= 1.0, (task, key)
         assert row["majority"] > 0.0, task
     readme = (out / "README.md").read_text()
     assert "| task | paper analogue |" in readme and "1 syn_caption batches" in readme
+    assert "| blank | blind-trained | n |" in readme and "first 1 steps on syn_caption" in readme
     for task in results["tasks"]:
         assert f"| {task} |" in readme

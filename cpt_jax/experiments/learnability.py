@@ -1,14 +1,20 @@
 """Learnability of the synthetic benchmark: untrained vs briefly SFT-trained accuracy per task.
 
     python -m cpt_jax.experiments.learnability --out reports/synthetic_learnability \
-        [--preset small] [--steps N] [--eval-examples M] [--seed 0] [--data-dir DIR]
+        [--preset mini] [--steps N] [--caption-warmup W] [--caption-weight C] \
+        [--vision-lr-scale S] [--blind-baseline] [--eval-examples M] [--data-dir DIR]
 
 Builds the synthetic benchmark and a tokenizer for the preset, evaluates the randomly
 initialised model on every stage task and both general tasks (greedy, no chain of thought,
-exact match), trains it with SFT on the round-robin mixture of the seven stage tasks' train
-splits, evaluates again, and writes `<out>/results.json` and `<out>/README.md`. The majority
-baseline (share of the most frequent answer among the evaluated examples) is the trivial
-reference an untrained or degenerate model could reach.
+exact match), trains it with SFT (first W syn_caption batches alone, then the round-robin
+mixture of the seven stage tasks' train splits with C syn_caption batches per round),
+evaluates again, and writes `<out>/results.json` and `<out>/README.md`.
+
+Three references say whether a task is learnt from the images: the majority baseline (share
+of the most frequent answer among the evaluated examples); the trained model evaluated with
+every image blanked (all pixel values 0); and, with `--blind-baseline`, the same recipe
+trained from the same initialisation with every image blanked (the question-only baseline: as
+good as the text alone allows in this budget).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from cpt_jax.rl.sampler import Rollout, SamplingConfig, make_sampler, prepare_pr
 from cpt_jax.sft import TrainState, make_sft_step, stack_micro_batches
 
 EVAL_TASKS = SYNTHETIC_STAGES + SYNTHETIC_GENERAL
+WARMUP_RATIO = 0.05  # of the learning rate, over all steps
 # Synthetic prompts are under 128 tokens and 8 images hold at most 512 patches: one program.
 OPTIONS = EncodeOptions(length_buckets=(128, 256), min_pixels=SYNTHETIC_MIN_PIXELS,
                         max_pixels=SYNTHETIC_MAX_PIXELS, cot=False, min_patches=512)
@@ -60,15 +67,22 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cpt_jax.experiments.learnability",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="results.json and README.md")
-    parser.add_argument("--preset", default="small", help="a name under configs/model/")
-    parser.add_argument("--steps", type=int, default=75,
-                        help="SFT steps of batch 8 (75: about 5 min for small on 2 CPU cores)")
-    parser.add_argument("--eval-examples", type=int, default=64, help="test examples per task")
-    parser.add_argument("--train-examples", type=int, default=500, help="train rows per task")
+    parser.add_argument("--preset", default="mini", help="a name under configs/model/")
+    parser.add_argument("--steps", type=int, default=2000,
+                        help="SFT steps of batch 8, caption warm-up included (mini: about "
+                             "0.65 s each on one CPU core)")
+    parser.add_argument("--eval-examples", type=int, default=128, help="test examples per task")
+    parser.add_argument("--train-examples", type=int, default=2000, help="train rows per task")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--caption-weight", type=int, default=0,
+    parser.add_argument("--caption-weight", type=int, default=3,
                         help="syn_caption batches per round of the seven stage tasks' batches")
+    parser.add_argument("--caption-warmup", type=int, default=500,
+                        help="syn_caption-only steps before the mixture (part of --steps)")
+    parser.add_argument("--vision-lr-scale", type=float, default=0.1,
+                        help="the vision tower's learning rate over the language model's")
+    parser.add_argument("--blind-baseline", action="store_true",
+                        help="also train the same recipe on blanked images (question-only)")
     parser.add_argument("--new-tokens", type=int, default=8, help="greedy decoding budget")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype (parameters stay float32)")
@@ -78,8 +92,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="where to build the benchmark (default: a temporary folder)")
     args = parser.parse_args(argv)
-    if args.caption_weight < 0:
-        parser.error("--caption-weight must be >= 0")
+    if args.caption_weight < 0 or args.caption_warmup < 0:
+        parser.error("--caption-weight and --caption-warmup must be >= 0")
+    if args.caption_warmup >= args.steps:
+        parser.error("--caption-warmup must be below --steps")
+    if args.vision_lr_scale <= 0:
+        parser.error("--vision-lr-scale must be > 0")
     if min(args.steps, args.eval_examples, args.train_examples, args.new_tokens) < 1:
         parser.error("--steps, --eval-examples, --train-examples and --new-tokens must be >= 1")
     return args
@@ -97,9 +115,10 @@ def greedy_sampler(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase,
 def evaluate_task(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase, data_dir: Path,
                   task: str, *, examples: int, batch_size: int, new_tokens: int,
                   sample: Callable[..., Rollout] | None = None,
-                  split: str = "test") -> dict[str, Any]:
+                  split: str = "test", blank: bool = False) -> dict[str, Any]:
     """Greedy exact-match accuracy on the first `examples` rows of `task`'s `split`, with the
-    majority baseline (share of the most frequent answer) and a few sample predictions."""
+    majority baseline (share of the most frequent answer) and a few sample predictions;
+    `blank` zeroes every image's pixel values (what the model gets from the text alone)."""
     sample = sample or greedy_sampler(model, tokenizer, new_tokens)
     states = nnx.split(model)[1:]
     source = load_source(task, split, data_dir=data_dir)
@@ -107,7 +126,7 @@ def evaluate_task(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase, data_di
     correct, answers, samples = 0, [], []
     for batch in eval_dataset(source, task=task, tokenizer=tokenizer, batch_size=batch_size,
                               options=OPTIONS):
-        rollout = sample(states, prepare_prompts(model, batch))
+        rollout = sample(states, prepare_prompts(model, blank_images(batch) if blank else batch))
         predictions = answer_texts(tokenizer, np.asarray(rollout.tokens),
                                    np.asarray(rollout.mask))
         for prediction, answer, valid in zip(predictions, batch["answer"], batch["valid"],
@@ -122,15 +141,21 @@ def evaluate_task(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase, data_di
             "majority": top[1] / len(answers), "majority_answer": top[0], "samples": samples}
 
 
+def blank_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch with every pixel value 0 (the same grey image size for size)."""
+    return {**batch, "pixel_values": np.zeros_like(batch["pixel_values"])}
+
+
 def evaluate(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase, data_dir: Path, *,
-             examples: int, batch_size: int, new_tokens: int) -> dict[str, dict[str, Any]]:
+             examples: int, batch_size: int, new_tokens: int,
+             blank: bool = False) -> dict[str, dict[str, Any]]:
     """`evaluate_task` on every stage and general task."""
     sample = greedy_sampler(model, tokenizer, new_tokens)
     results = {}
     for task in EVAL_TASKS:
         results[task] = evaluate_task(model, tokenizer, data_dir, task, examples=examples,
                                       batch_size=batch_size, new_tokens=new_tokens,
-                                      sample=sample)
+                                      sample=sample, blank=blank)
         r = results[task]
         print(f"  {task:20s} acc {r['accuracy']:.3f} (n {r['n']}, majority "
               f"{r['majority']:.3f}) e.g. {r['samples'][:2]}", flush=True)
@@ -138,30 +163,43 @@ def evaluate(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase, data_dir: Pa
 
 
 def mixture(tokenizer: PreTrainedTokenizerBase, data_dir: Path, *, batch_size: int,
-            seed: int, caption_weight: int = 0) -> Iterator[dict[str, np.ndarray]]:
+            seed: int, caption_weight: int = 0,
+            caption_warmup: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """SFT batches of the seven stage tasks, one task per batch, round-robin; with
-    `caption_weight` W, each round also has W batches of syn_caption (dense descriptions)."""
+    `caption_weight` W, each round also has W batches of syn_caption (dense descriptions), and
+    with `caption_warmup` N the first N batches are syn_caption alone.
+
+    Why captions: most stage answers depend on the image only jointly with the question (is
+    the texture *X*?), which gives a vision tower trained from scratch no gradient to start
+    from; a caption depends on the image alone, so it teaches the features first."""
     tasks = SYNTHETIC_STAGES + SYNTHETIC_PRETRAIN
+    captions = bool(caption_weight or caption_warmup)
     iterators = {task: iter(sft_dataset(load_source(task, "train", data_dir=data_dir),
                                         task=task, tokenizer=tokenizer, batch_size=batch_size,
                                         seed=seed + i, options=OPTIONS))
-                 for i, task in enumerate(tasks[:len(SYNTHETIC_STAGES) + bool(caption_weight)])}
+                 for i, task in enumerate(tasks[:len(SYNTHETIC_STAGES) + captions])}
+    for _ in range(caption_warmup):
+        yield next(iterators[SYNTHETIC_PRETRAIN[0]])
     order = list(SYNTHETIC_STAGES) + list(SYNTHETIC_PRETRAIN) * caption_weight
     for task in itertools.cycle(order):
         yield next(iterators[task])
 
 
 def train(model: Qwen2_5_VL, batches: Iterator[dict[str, np.ndarray]], *, steps: int,
-          learning_rate: float) -> tuple[Qwen2_5_VL, list[float], float]:
-    """`steps` SFT updates (AdamW, warm-up 0.1, cosine); returns the trained model, the loss
-    per step and the seconds per step after the first (compiling) one."""
+          learning_rate: float, vision_lr_scale: float = 1.0, warmup_ratio: float = 0.1,
+          blank: bool = False) -> tuple[Qwen2_5_VL, list[float], float]:
+    """`steps` SFT updates (AdamW, warm-up, cosine; the vision tower at `vision_lr_scale` times
+    the rate; every image blanked if `blank`); returns the trained model, the loss per step and
+    the seconds per step after the first (compiling) one."""
     optimizer = make_optimizer(learning_rate=learning_rate, total_steps=steps,
-                               warmup_ratio=0.1)
+                               warmup_ratio=warmup_ratio, vision_lr_scale=vision_lr_scale)
     step = make_sft_step(model, optimizer, micro_batches=1)
     state = TrainState.create(model, optimizer)
     losses, start = [], time.perf_counter()
     for i in range(steps):
-        state, metrics = step(state, stack_micro_batches([next(batches)], model))
+        batch = next(batches)
+        state, metrics = step(state, stack_micro_batches([blank_images(batch) if blank else batch],
+                                                         model))
         losses.append(float(metrics["loss"]))
         if i == 0:
             start = time.perf_counter()
@@ -185,27 +223,48 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def standard_error(accuracy: float, n: int) -> float:
+    """The binomial standard error of an accuracy over n examples."""
+    return (accuracy * (1 - accuracy) / n) ** 0.5
+
+
+def question_only(row: dict[str, Any]) -> float:
+    """The best accuracy without the images: the majority answer, the trained model on blanked
+    images, and the blind-trained model where one was trained."""
+    return max(row["majority"], row["blank"], row.get("blind", 0.0))
+
+
 def write_readme(path: Path, results: dict[str, Any]) -> None:
     """The table and a plain statement of the outcome."""
+    blind = results.get("blind_baseline", False)
     rows, improved, trivial = [], [], []
     for task, r in results["tasks"].items():
+        se = standard_error(r["trained"], r["n"])
         rows.append(f"| {task} | {get_task(task).paper_task} | {get_task(task).role} | "
                     f"{_pct(r['majority'])} | {_pct(r['untrained'])} | {_pct(r['trained'])} "
-                    f"| {r['n']} |")
+                    f"± {_pct(se)} | {_pct(r['blank'])} | "
+                    + (f"{_pct(r['blind'])} | " if blind else "") + f"{r['n']} |")
         if get_task(task).role == "stage":
-            (improved if r["trained"] > max(r["untrained"], r["majority"]) else trivial).append(
-                task)
-    outcome = (f"Stage tasks whose trained accuracy beats both the untrained model and the "
-               f"majority baseline: {', '.join(improved) or 'none'}. "
+            reads = r["trained"] - question_only(r) > 2 * se
+            (improved if reads else trivial).append(task)
+    outcome = (f"Stage tasks whose trained accuracy beats the majority and the question-only "
+               f"baselines by more than two standard errors: {', '.join(improved) or 'none'}. "
                f"Stage tasks that do not, in this budget: {', '.join(trivial) or 'none'}.")
-    weight = results.get("caption_weight", 0)
+    weight, warmup = results.get("caption_weight", 0), results.get("caption_warmup", 0)
     captions = f", and {weight} syn_caption batches per round of seven" if weight else ""
+    first = f"the first {warmup} steps on syn_caption alone, then " if warmup else ""
+    blind_column, blind_rule = "", ""
+    if blind:
+        blind_column = " blind-trained |"
+        blind_rule = ("\n  Blind-trained: the same recipe from the same initialisation with "
+                      "every image blanked, in training and evaluation.")
     text = f"""# Synthetic benchmark: learnability by the `{results['preset']}` model
 
 - Command: `{results['command']}` (commit `{results['commit']}`).
-- Training: SFT on the round-robin mixture of the seven stage tasks' train splits (one task
-  per batch{captions}), batch {results['batch_size']}, {results['steps']} steps, AdamW lr \
-{results['learning_rate']:g} with warm-up 0.1 and cosine decay, {results['dtype']} compute;
+- Training: SFT with {first}the round-robin mixture of the seven stage tasks' train splits
+  (one task per batch{captions}), batch {results['batch_size']}, {results['steps']} steps, \
+AdamW lr {results['learning_rate']:g} (vision tower x{results.get('vision_lr_scale', 1.0):g}) \
+with warm-up {results.get('warmup_ratio', 0.1):g} and cosine decay, {results['dtype']} compute;
   {results['seconds_per_step']:.2f} s per step, {results['seconds']:.0f} s for the whole run on \
 {results['device']}. Training loss {results['first_loss']:.3f} at the first step, \
 {results['final_loss']:.3f} over the last ten.
@@ -213,10 +272,11 @@ def write_readme(path: Path, results: dict[str, Any]) -> None:
 tokens, stop at
   `<|im_end|>`), exact match (`cpt_jax.rewards.exact_match`) on the first n test examples of
   each task. Majority: the share of the most frequent answer among those examples. The
-  general tasks are held out (never trained on). Accuracies in %.
+  general tasks are held out (never trained on). Accuracies in %, trained ± one standard
+  error. Blank: the trained model with every image's pixel values set to 0.{blind_rule}
 
-| task | paper analogue | role | majority | untrained | trained | n |
-|---|---|---|---|---|---|---|
+| task | paper analogue | role | majority | untrained | trained | blank |{blind_column} n |
+|---|---|---|---|---|---|---|{'---|' if blind else ''}---|
 {chr(10).join(rows)}
 
 {outcome}
@@ -243,20 +303,38 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "new_tokens": args.new_tokens}
         print("untrained:", flush=True)
         before = evaluate(model, tokenizer, data_dir, **eval_kw)
+
+        def recipe(model: Qwen2_5_VL, blank: bool) -> tuple[Qwen2_5_VL, list[float], float]:
+            batches = mixture(tokenizer, data_dir, batch_size=args.batch_size, seed=args.seed,
+                              caption_weight=args.caption_weight,
+                              caption_warmup=args.caption_warmup)
+            return train(model, batches, steps=args.steps, learning_rate=args.learning_rate,
+                         vision_lr_scale=args.vision_lr_scale, warmup_ratio=WARMUP_RATIO,
+                         blank=blank)
+
         print(f"training {args.steps} steps:", flush=True)
-        batches = mixture(tokenizer, data_dir, batch_size=args.batch_size, seed=args.seed,
-                          caption_weight=args.caption_weight)
-        model, losses, per_step = train(model, batches, steps=args.steps,
-                                        learning_rate=args.learning_rate)
+        model, losses, per_step = recipe(model, blank=False)
         if args.save is not None:
             save_pretrained(model, args.save)
             tokenizer.save_pretrained(args.save)
         print("trained:", flush=True)
         after = evaluate(model, tokenizer, data_dir, **eval_kw)
+        print("trained, images blanked:", flush=True)
+        blank = evaluate(model, tokenizer, data_dir, **eval_kw, blank=True)
+        blind = None
+        if args.blind_baseline:
+            print(f"training {args.steps} steps on blanked images:", flush=True)
+            model = Qwen2_5_VL(config, dtype=jnp.dtype(args.dtype), param_dtype=jnp.float32,
+                               rngs=nnx.Rngs(args.seed))
+            model, _, _ = recipe(model, blank=True)
+            print("blind-trained, images blanked:", flush=True)
+            blind = evaluate(model, tokenizer, data_dir, **eval_kw, blank=True)
     finally:
         if args.data_dir is None:
             shutil.rmtree(data_dir, ignore_errors=True)
     tasks = {task: {"untrained": before[task]["accuracy"], "trained": after[task]["accuracy"],
+                    "blank": blank[task]["accuracy"],
+                    **({"blind": blind[task]["accuracy"]} if blind else {}),
                     "majority": before[task]["majority"],
                     "majority_answer": before[task]["majority_answer"], "n": before[task]["n"],
                     "role": get_task(task).role, "paper_task": get_task(task).paper_task,
@@ -266,7 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {
         "preset": args.preset, "steps": args.steps, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "dtype": args.dtype, "seed": args.seed,
-        "caption_weight": args.caption_weight,
+        "caption_weight": args.caption_weight, "caption_warmup": args.caption_warmup,
+        "vision_lr_scale": args.vision_lr_scale, "warmup_ratio": WARMUP_RATIO,
+        "blind_baseline": args.blind_baseline,
         "train_examples_per_task": args.train_examples, "new_tokens": args.new_tokens,
         "seconds_per_step": per_step, "seconds": time.perf_counter() - started,
         "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])),
