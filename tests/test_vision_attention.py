@@ -1,11 +1,12 @@
-"""The vision tower's memory-bounded full attention equals the dense masked attention."""
+"""Memory-bounded attention (the vision tower's full attention, the decoder's attention in query
+chunks) equals the dense masked attention, in values and gradients."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpt_jax.models.qwen2_5_vl.layers import dot_product_attention
+from cpt_jax.models.qwen2_5_vl.layers import chunked_attention, dot_product_attention
 from cpt_jax.models.qwen2_5_vl.vision import segment_attention
 
 
@@ -46,3 +47,27 @@ def test_chunked_attention_memory_grows_linearly_not_quadratically():
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, q, ids).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < 300 * 2**20
+
+
+@pytest.mark.parametrize("query_chunk", [8, 13])
+def test_chunked_causal_attention_equals_dense_values_and_gradients(query_chunk):
+    """The decoder's attention in query chunks (grouped-query heads, causal and padding
+    masks, a length that the chunk does not divide) equals the dense form."""
+    batch, length, heads, kv_heads, head_dim = 2, 30, 4, 2, 8
+    keys = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(keys[0], (batch, length, heads, head_dim))
+    k, v = (jax.random.normal(key, (batch, length, kv_heads, head_dim)) for key in keys[1:3])
+    cotangent = jax.random.normal(keys[3], q.shape)
+    real = jnp.arange(length)[None, :] >= jnp.asarray([[0], [7]])  # row 1 left-padded
+    mask = jnp.tril(jnp.ones((length, length), bool))[None] & real[:, None, :]
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v, mask) * cotangent)
+
+    chunked = lambda q, k, v, m: chunked_attention(q, k, v, m, query_chunk)  # noqa: E731
+    np.testing.assert_allclose(chunked(q, k, v, mask), dot_product_attention(q, k, v, mask),
+                               atol=1e-5)
+    grads = jax.grad(lambda *a: loss(chunked, *a), argnums=(0, 1, 2))(q, k, v)
+    expected = jax.grad(lambda *a: loss(dot_product_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)

@@ -16,7 +16,7 @@ from .layers import (
     RMSNorm,
     SwiGLU,
     apply_rotary,
-    dot_product_attention,
+    chunked_attention,
     make_param,
     scan_layers,
     stack_layers,
@@ -109,7 +109,7 @@ class Attention(nnx.Module):
             all_v = jax.lax.dynamic_update_slice(slot.v, v[None].astype(slot.v.dtype), start)
             slot = slot._replace(k=all_k, v=all_v)
             k, v = all_k[slot.layer].astype(q.dtype), all_v[slot.layer].astype(q.dtype)
-        return self.o_proj(dot_product_attention(q, k, v, mask)), slot
+        return self.o_proj(chunked_attention(q, k, v, mask)), slot
 
 
 class DecoderLayer(nnx.Module):

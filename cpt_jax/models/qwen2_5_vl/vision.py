@@ -15,8 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cpt_jax.sharding import constrain
+
 from .config import VisionConfig
 from .layers import (
+    QUERY_CHUNK,
     Dense,
     RMSNorm,
     SwiGLU,
@@ -28,6 +31,11 @@ from .layers import (
 from .vision_layout import VisionLayout, vision_layout
 
 NORM_EPS = 1e-6  # fixed in transformers, not read from the config
+
+
+# The packed patches' hidden states [patches, hidden] spread over the batch's devices under a
+# mesh (cpt_jax.sharding.constrain): every device would otherwise run every image of the batch.
+PATCH_AXES = ("batch", None)
 
 
 class VisionInputs(NamedTuple):
@@ -123,9 +131,6 @@ class Segments(NamedTuple):
 
     windows: jax.Array
     frames: jax.Array
-
-
-QUERY_CHUNK = 1024
 
 
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array,
@@ -254,9 +259,10 @@ class VisionTower(nnx.Module):
         segments = Segments(inputs.window_segment_ids, inputs.frame_segment_ids)
 
         def step(block, h, is_full):
-            return block(h, cos, sin, segments, is_full), None
+            return constrain(block(h, cos, sin, segments, is_full), PATCH_AXES), None
 
         full_attention = np.isin(np.arange(self.config.depth), self.config.fullatt_block_indexes)
-        x, _ = scan_layers(self.blocks, step, x, jnp.asarray(full_attention), remat=self.remat)
+        x, _ = scan_layers(self.blocks, step, constrain(x, PATCH_AXES),
+                           jnp.asarray(full_attention), remat=self.remat)
         merged = self.merger(x)
         return merged[inputs.reverse_index]
