@@ -25,6 +25,7 @@ from flax import nnx, struct
 
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, VisionInputs
 from cpt_jax.optim import current_learning_rate
+from cpt_jax.sharding import constrain_state
 
 Batch = dict[str, Any]
 """Jit inputs: input_ids [b, s], positions [3, b, s], attention_mask [b, s], loss_mask [b, s],
@@ -59,18 +60,49 @@ def _token_sums(model: Qwen2_5_VL, batch: Batch) -> dict[str, jax.Array]:
 
     The logits at t predict the id at t+1, so the target of position t is input_ids[t+1] and
     its weight loss_mask[t+1]; the last position predicts nothing. float32 throughout, with
-    log-softmax as logsumexp minus the target logit (no [b, s, vocab] log-probabilities).
+    log-softmax as logsumexp minus the target logit, the vocabulary projection taken a chunk
+    of positions at a time (`per_position`).
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    logits, _ = model.forward(ids, batch["positions"], mask, batch["vision"])
-    logits = logits.astype(jnp.float32)
+    hidden, _ = model.hidden_states(ids, batch["positions"], mask, batch["vision"])
     targets = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))
     weights = (batch["loss_mask"][:, 1:] * mask[:, 1:]).astype(jnp.float32)
     weights = jnp.pad(weights, ((0, 0), (0, 1)))
-    nll = -target_logprobs(logits, targets)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+
+    def stats(logits: jax.Array, chunk_targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+        correct = (jnp.argmax(logits, axis=-1) == chunk_targets).astype(jnp.float32)
+        return -target_logprobs(logits, chunk_targets), correct
+
+    nll, correct = per_position(model, hidden, targets, stats)
     return {"loss_sum": jnp.sum(nll * weights), "correct": jnp.sum(correct * weights),
             "tokens": jnp.sum(weights)}
+
+
+LOGIT_CHUNK = 1024
+
+
+def per_position(model: Qwen2_5_VL, hidden: jax.Array, targets: jax.Array,
+                 fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, ...]],
+                 chunk: int | None = None) -> tuple[jax.Array, ...]:
+    """`fn(logits [b, c, vocab] float32, targets [b, c]) -> per-position arrays [b, c]` over
+    the sequence, `chunk` positions at a time, each chunk's logits recomputed in the backward
+    pass: a 7,168-token row of Qwen's 152k vocabulary would otherwise hold several float32
+    [s, vocab] copies (4.4 GB each) through the loss and its gradient."""
+    length, chunk = hidden.shape[1], chunk or LOGIT_CHUNK
+    if length <= chunk:
+        return fn(model.logits(hidden), targets)
+    chunks = -(-length // chunk)
+    pad = chunks * chunk - length
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], chunks, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
+
+    @jax.checkpoint
+    def one(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
+        return fn(model.logits(args[0]), args[1])
+
+    outs = jax.lax.map(one, (split(hidden), split(targets)))
+    return tuple(jnp.moveaxis(o, 0, 1).reshape(o.shape[1], -1)[:, :length] for o in outs)
 
 
 def target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -124,10 +156,12 @@ def make_sft_step(model: nnx.Module, optimizer: optax.GradientTransformation, *,
         else:
             def accumulate(carry, micro):
                 sums, grads = sums_and_grads(state.params, state.rest, micro)
-                return jax.tree.map(jnp.add, carry, (sums, grads)), None
+                sums, grads = jax.tree.map(jnp.add, carry, (sums, grads))
+                return (sums, constrain_state(grads)), None
 
             zeros = (dict.fromkeys(("loss_sum", "correct", "tokens"), jnp.zeros((), jnp.float32)),
-                     jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
+                     constrain_state(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
+                                                  state.params)))
             (sums, grads), _ = jax.lax.scan(accumulate, zeros, batch)
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums["tokens"], 1.0), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

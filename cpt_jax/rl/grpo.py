@@ -32,7 +32,8 @@ from cpt_jax.optim import current_learning_rate
 from cpt_jax.rl import algorithms
 from cpt_jax.rl.groups import Group, split_into_groups, training_batch
 from cpt_jax.rl.sampler import SamplingConfig, make_sampler, prepare_prompts, turn_stop_ids
-from cpt_jax.sft import TrainState, target_logprobs
+from cpt_jax.sft import TrainState, per_position, target_logprobs
+from cpt_jax.sharding import constrain_state
 
 UpdateBatch = dict[str, Any]
 _MODEL_INPUTS = ("input_ids", "positions", "attention_mask", "vision")
@@ -93,12 +94,15 @@ def token_logprobs(model: Qwen2_5_VL, batch: UpdateBatch, temperature: float
                    ) -> tuple[jax.Array, jax.Array]:
     """log softmax(logits / temperature) of every token given the ones before it, and the
     entropy of that distribution: [b, L] each, entry t for token t (entry 0 is 0)."""
-    logits, _ = model.forward(batch["input_ids"], batch["positions"], batch["attention_mask"],
-                              batch["vision"])
-    logits = logits[:, :-1] / (temperature if temperature > 0 else 1.0)
-    targets = batch["input_ids"][:, 1:]
-    logprobs = target_logprobs(logits, targets)
-    entropy = algorithms.entropy_from_logits(logits)
+    hidden, _ = model.hidden_states(batch["input_ids"], batch["positions"],
+                                    batch["attention_mask"], batch["vision"])
+    scale = 1.0 / (temperature if temperature > 0 else 1.0)
+
+    def stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = logits * scale
+        return target_logprobs(logits, targets), algorithms.entropy_from_logits(logits)
+
+    logprobs, entropy = per_position(model, hidden[:, :-1], batch["input_ids"][:, 1:], stats)
     pad = ((0, 0), (1, 0))
     return jnp.pad(logprobs, pad), jnp.pad(entropy, pad)
 
@@ -165,9 +169,10 @@ def make_grpo_update(model: nnx.Module, optimizer: optax.GradientTransformation,
             (_, metrics), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 state.params, micro)
             grads = jax.tree.map(lambda g, m: g + m.astype(jnp.float32), grads, micro_grads)
-            return grads, metrics
+            return constrain_state(grads), metrics
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        zeros = constrain_state(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
+                                             state.params))
         grads, metrics = jax.lax.scan(accumulate, zeros, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
