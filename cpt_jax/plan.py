@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+# Several processes (pytest workers, a plan beside a run) may hold libtpu at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -251,15 +253,11 @@ class Planner:
                               moments_dtype=jnp.bfloat16 if optim.bf16_moments else None)
 
     def train_state(self, optimizer: Any) -> TrainState:
-        """The abstract train state; the optimiser state sharded as the compiler places
-        `optimizer.init` of the sharded parameters (what the trainer's eager init does)."""
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        init = jax.jit(optimizer.init).lower(self.params).compile()
-        opt_state = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh if isinstance(
-                sh, NamedSharding) else replicated),  # scalars (counts) land on one device
-            jax.eval_shape(optimizer.init, self.params), init.output_shardings)
-        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+        """The abstract train state; the optimiser's moments sharded like their parameters."""
+        opt_state = jax.eval_shape(optimizer.init, self.params)
+        opt_state = _abstract(opt_state, state_shardings(opt_state, self.mesh))
+        step = jax.ShapeDtypeStruct((), jnp.int32,
+                                    sharding=NamedSharding(self.mesh, PartitionSpec()))
         return TrainState(graphdef=self.graphdef, params=self.params, rest=self.rest,
                           opt_state=opt_state, step=step)
 

@@ -9,6 +9,7 @@ is replicated instead of failing, and a mesh axis is used at most once per array
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -73,17 +74,35 @@ def constrain(x: jax.Array, axes: Sequence[str | None],
     return jax.lax.with_sharding_constraint(x, logical_spec(axes, x.shape, mesh, rules))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh,
-                    rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES) -> nnx.State:
-    """The state with each variable's array replaced by its NamedSharding (same tree
-    structure, for `jax.device_put` and restore targets), from the variables' logical axes
-    (arrays without axis names are replicated)."""
+def constrain_state(state: Any, rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES) -> Any:
+    """`constrain` every variable of a state by its own logical axes: a gradient accumulator
+    built inside a step (zeros shaped like the parameters) has no sharding of its own, and XLA
+    may otherwise keep a full fp32 copy on every device."""
 
-    def sharding(variable: nnx.Variable) -> nnx.Variable:
-        value = variable.get_value()
-        axes = variable.get_metadata().get("out_sharding") or (None,) * np.ndim(value)
-        return variable.replace(NamedSharding(mesh, logical_spec(axes, np.shape(value), mesh,
-                                                                 rules)))
+    def one(leaf: Any) -> Any:
+        if not isinstance(leaf, nnx.Variable):
+            return leaf
+        axes = leaf.get_metadata().get("out_sharding")
+        return leaf.replace(constrain(leaf.get_value(), axes, rules)) if axes else leaf
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state: Any, mesh: Mesh,
+                    rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES) -> Any:
+    """The tree with each variable's array replaced by its NamedSharding (same structure, for
+    `jax.device_put`, restore targets and ahead-of-time lowering), from the variables' logical
+    axes. Arrays without axis names, and plain arrays (an optimiser's step count), are
+    replicated; an optimiser state's moments are variables that carry their parameter's axes.
+    """
+
+    def sharding(leaf: Any) -> Any:
+        if not isinstance(leaf, nnx.Variable):
+            return NamedSharding(mesh, PartitionSpec())
+        value = leaf.get_value()
+        axes = leaf.get_metadata().get("out_sharding") or (None,) * np.ndim(value)
+        return leaf.replace(NamedSharding(mesh, logical_spec(axes, np.shape(value), mesh,
+                                                             rules)))
 
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -102,18 +121,28 @@ BATCH_AXIS = {"input_ids": 1, "attention_mask": 1, "loss_mask": 1, "response_mas
 
 def batch_shardings(batch: dict, mesh: Mesh) -> dict:
     """The NamedSharding of each array of a stacked step batch: rows split over data x fsdp
-    (where they divide), everything else (the packed image patches, whose rows do not align
-    with the batch's) replicated."""
+    (where they divide), the packed image patches split over the same devices by patch (they
+    do not align with the rows; the vision tower works on them spread the same way), the rest
+    (the patches' layout) replicated."""
 
     def sharding(key: str, value) -> NamedSharding:
+        if key == "pixel_values":  # [..., patches, patch_dim]: patches over the devices
+            axes = [None] * np.ndim(value)
+            axes[-2] = "batch"
+            return NamedSharding(mesh, logical_spec(axes, np.shape(value), mesh))
         if key not in BATCH_AXIS:
             return NamedSharding(mesh, PartitionSpec())
         axes = [None] * np.ndim(value)
         axes[BATCH_AXIS[key]] = "batch"
         return NamedSharding(mesh, logical_spec(axes, np.shape(value), mesh))
 
-    return {key: jax.tree.map(lambda v, k=key: sharding(k, v), value)
-            for key, value in batch.items()}
+    def place(key: str, value):
+        if hasattr(value, "_fields"):  # VisionInputs: its pixel values spread, layout replicated
+            return type(value)(*(place(field, v) for field, v in zip(value._fields, value,
+                                                                     strict=True)))
+        return jax.tree.map(lambda v: sharding(key, v), value)
+
+    return {key: place(key, value) for key, value in batch.items()}
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
