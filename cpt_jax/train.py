@@ -234,17 +234,18 @@ class ContinualRun:
         self.log = MetricsLog(self.out, resume_from=resumed.global_step if resumed else None,
                               enabled=self.leader)
         try:
-            if resumed is None:
-                self.progress = Progress(stage=1, stage_step=0, offset=0, stage_steps=0,
-                                         iterator=None, matrix=[], general={t: [] for t in
-                                                                            self.general},
-                                         pass_counts=None)
-                self._evaluate()
-            start = self.progress.stage
-            for stage in self.stages[start - 1:]:
-                self._train_stage(stage, resuming=resumed is not None and stage.index == start)
-                self._evaluate()
-            self.checkpoints.wait()
+            with jax.set_mesh(self.mesh):  # activations pinned by the model's logical axes
+                if resumed is None:
+                    self.progress = Progress(stage=1, stage_step=0, offset=0, stage_steps=0,
+                                             iterator=None, matrix=[], general={t: [] for t in
+                                                                                self.general},
+                                             pass_counts=None)
+                    self._evaluate()
+                start = self.progress.stage
+                for stage in self.stages[start - 1:]:
+                    self._train_stage(stage, resuming=resumed is not None and stage.index == start)
+                    self._evaluate()
+                self.checkpoints.wait()
         finally:
             self.log.close()
             self.checkpoints.close()

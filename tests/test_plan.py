@@ -52,10 +52,13 @@ def test_3b_fits_a_v5e_8(name, program):
 
 @pytest.mark.tpu_compile
 def test_compiles_for_a_two_host_slice():
-    report = _plan("qwen2_5_vl_7b_sft.yaml", "v5p:2x2x2", 8, ["sft_step"],
-                   ("sft.micro_batches=8",))
+    """v5p:2x2x2 spans two hosts: the 7B's decode step over the group-expanded KV cache, with
+    the weights sharded across both hosts' chips."""
+    report = _plan("qwen2_5_vl_7b_grpo.yaml", "v5p:2x2x2", 8, ["decode_step"],
+                   ("grpo.micro_batch_rows=8",))
     assert report["hosts"] == 2 and report["devices"] == 8
-    assert report["programs"]["sft_step"]["argument_bytes"] > 0
+    assert report["mesh"] == {"data": 1, "fsdp": 8, "tp": 1}
+    assert report["fits"], table(report)
 
 
 @pytest.mark.tpu_compile
