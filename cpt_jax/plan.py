@@ -53,17 +53,24 @@ from cpt_jax.config import (  # noqa: E402
 )
 from cpt_jax.data.pipeline import patch_bucket  # noqa: E402
 from cpt_jax.models.qwen2_5_vl import (  # noqa: E402
+    KVCache,
     Qwen2_5_VL,
     Qwen2_5_VLConfig,
     load_config,
     preset,
 )
+from cpt_jax.models.qwen2_5_vl.text import CACHE_AXES  # noqa: E402
 from cpt_jax.optim import make_optimizer  # noqa: E402
 from cpt_jax.rl.groups import Group, training_batch  # noqa: E402
 from cpt_jax.rl.grpo import logprob_program, make_grpo_update  # noqa: E402
 from cpt_jax.rl.sampler import Prompts, prepare_prompts, sampler_program  # noqa: E402
 from cpt_jax.sft import TrainState, make_sft_step, stack_micro_batches  # noqa: E402
-from cpt_jax.sharding import batch_shardings, make_mesh, state_shardings  # noqa: E402
+from cpt_jax.sharding import (  # noqa: E402
+    batch_shardings,
+    logical_spec,
+    make_mesh,
+    state_shardings,
+)
 
 GiB = 2**30
 # device_kind -> (HBM bytes, peak dense bf16 FLOP/s) per chip, from Google's TPU pages.
@@ -241,7 +248,7 @@ class Planner:
         prompts = prepare_prompts(self.model, batch)
         as_dict = prompts._asdict()
         shardings = batch_shardings(as_dict, self.mesh)
-        return Prompts(**_abstract_plain(as_dict, shardings))
+        return Prompts(**_abstract(as_dict, shardings))
 
     # -- programs ------------------------------------------------------------------------
 
@@ -304,23 +311,17 @@ class Planner:
         return prefill
 
     def _cache(self) -> Any:
-        """The group-expanded cache a decode step reads: prompts x group_size rows."""
+        """The group-expanded cache a decode step reads (prompts x group_size rows), sharded
+        by the axes the decoder pins it to."""
         grpo = self.config.grpo
         rows = grpo.prompts_per_step * grpo.group_size
         length = self.prompt_length() + grpo.max_new_tokens
         cache = jax.eval_shape(lambda: self.model.init_cache(rows, length))
-        batch_spec = batch_shardings({"input_ids": np.zeros((1, rows))}, self.mesh)
-        row_axis = batch_spec["input_ids"].spec[1]
-
-        def place(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-            spec = [None] * len(x.shape)
-            if len(x.shape) >= 2 and x.shape[1] == rows:  # k, v: [layers, rows, ...]
-                spec[1] = row_axis
-            elif len(x.shape) >= 1 and x.shape[0] == rows:
-                spec[0] = row_axis
-            return jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                        sharding=NamedSharding(self.mesh, PartitionSpec(*spec)))
-        return jax.tree.map(place, cache)
+        axes = KVCache(k=CACHE_AXES, v=CACHE_AXES, valid=("batch", None), index=(),
+                       next_position=("batch",))
+        return KVCache(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+            self.mesh, logical_spec(names, x.shape, self.mesh))) for x, names in zip(
+                cache, axes, strict=True)))
 
     def _decode(self) -> Any:
         graphdef = self.graphdef
@@ -365,11 +366,6 @@ class Planner:
             updates = grpo.ppo_epochs * 3 * forward(answers, length)
             found["grpo"] = sampling + logprobs + updates
         return found
-
-
-def _abstract_plain(tree: dict[str, Any], shardings: dict[str, Any]) -> dict[str, Any]:
-    return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
-                                                          sharding=s), tree, shardings)
 
 
 def _without_update_keys(batch: dict[str, Any]) -> dict[str, Any]:
