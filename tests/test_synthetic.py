@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from scipy import ndimage
+from scipy.spatial import ConvexHull
 
 from cpt_jax.data.synthetic import (
     COLOURS,
@@ -53,7 +54,7 @@ def test_task_names_in_paper_order():
     )
     assert SYNTHETIC_GENERAL == ("syn_general_pope", "syn_general_arith")
     assert SYNTHETIC_PRETRAIN == ("syn_caption",)
-    assert len(set(WORDS)) == 50
+    assert len(set(WORDS)) == 8
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -103,9 +104,14 @@ def test_answers_are_not_guessable_from_the_majority(task):
         assert shares == dict.fromkeys("ABCD", 0.25)
     if task == "syn_unanswerable":
         assert 0.2 <= shares["unanswerable"] <= 0.4
-    if task in {"syn_ocr", "syn_geometry"}:
-        assert len(answers) >= 30 and max(shares.values()) <= 0.1
-    if task in {"syn_spatial", "syn_count"}:
+    if task == "syn_ocr":
+        assert set(answers) == set(WORDS) and max(shares.values()) <= 0.2
+    if task == "syn_geometry":
+        assert shares == dict.fromkeys("3456", 0.25)
+    if task == "syn_spatial":
+        assert set(answers) == {"left", "right", "above", "below"}
+        assert max(shares.values()) <= 0.3
+    if task == "syn_count":
         assert len(answers) >= 6 and max(shares.values()) <= 0.35
 
 
@@ -166,21 +172,46 @@ def _scene(pixels: np.ndarray) -> str:
 
 
 def _colour_of(problem: str, pixels: np.ndarray) -> str:
-    shape = re.search(r"What colour is the (\w+)\?", problem)[1]
-    colours = [c for c, s, *_ in _objects(pixels) if s == shape]
+    assert problem.endswith("What colour is the shape?")
+    colours = [c for c, *_ in _objects(pixels)]
     assert len(colours) <= 1
     return colours[0] if colours else "unanswerable"
 
 
 def _spatial(problem: str, pixels: np.ndarray) -> str:
-    objects = {(c, s): (x, y) for c, s, x, y in _objects(pixels)}
-    if match := re.search(r"to the (left|right) of the (\w+) (\w+)\?", problem):
-        ref_x = objects[match[2], match[3]][0]
-        side = -1 if match[1] == "left" else 1
-        (shape,) = [s for (_, s), (x, _) in objects.items() if (x - ref_x) * side > 0]
-        return shape
-    a, b = re.search(r"Is the (\w+ \w+) above or below the (\w+ \w+)\?", problem).groups()
-    return "above" if objects[tuple(a.split())][1] < objects[tuple(b.split())][1] else "below"
+    objects = {c: (x, y) for c, _, x, y in _objects(pixels)}
+    assert set(objects) == {"red", "blue"}
+    (red_x, red_y), (blue_x, blue_y) = objects["red"], objects["blue"]
+    if problem.endswith("to the left or to the right of the blue shape?"):
+        return "left" if red_x < blue_x else "right"
+    assert problem.endswith("above or below the blue shape?")
+    return "above" if red_y < blue_y else "below"
+
+
+def _choice(problem: str, pixels: np.ndarray) -> str:
+    """The option naming the only colour, the number of objects or their one shape."""
+    options = dict(re.findall(r"^([ABCD])\. (\w+)$", problem, re.MULTILINE))
+    objects = _objects(pixels)
+    if "What colour" in problem:
+        (value,) = [c for c, *_ in objects]
+    elif "How many" in problem:
+        value = str(len(objects))
+    else:
+        (value,) = {s for _, s, *_ in objects}
+    (letter,) = [k for k, v in options.items() if v == value]
+    return letter
+
+
+def _sides(problem: str, pixels: np.ndarray) -> str:
+    """Sides of the one polygon: the convex hull's edges longer than 6 px, counted where the
+    heading turns by more than 15 degrees (pixel steps along a side turn less)."""
+    ys, xs = np.nonzero((pixels != pixels[0, 0]).any(-1))
+    points = np.stack([xs, ys], 1).astype(float)
+    hull = points[ConvexHull(points).vertices]
+    edges = np.roll(hull, -1, 0) - hull
+    heading = np.degrees(np.arctan2(edges[:, 1], edges[:, 0]))[np.hypot(*edges.T) > 6]
+    turns = np.abs((heading - np.roll(heading, 1) + 180) % 360 - 180)
+    return str(int((turns > 15).sum()))
 
 
 def _pope(problem: str, pixels: np.ndarray) -> str:
@@ -191,6 +222,8 @@ def _pope(problem: str, pixels: np.ndarray) -> str:
 @pytest.mark.parametrize(
     "task, oracle",
     [
+        ("syn_choice", _choice),
+        ("syn_geometry", _sides),
         ("syn_count", _count),
         ("syn_texture", _texture),
         ("syn_unanswerable", _colour_of),
