@@ -2,8 +2,11 @@
 checkpoint it leaves, with the GRPO log step by step.
 
     python -m cpt_jax.experiments.learning --out reports/learning [--task syn_texture]
-        [--preset small] [--train-examples 128] [--sft-steps 80] [--grpo-steps 30]
+        [--preset small | --init MODEL_DIR] [--train-examples 128] [--sft-steps 80]
+        [--grpo-steps 30]
 
+0. The model: the preset, randomly initialised, or `--init`: a Hugging Face folder with its
+   tokenizer (e.g. the model `python -m cpt_jax.experiments.learnability --save` leaves).
 1. SFT (no chain of thought, bare answers) on the task's first `--train-examples` training
    instances.
 2. The SFT model is saved as a Hugging Face folder (`<out>/sft_checkpoint`) and loaded back.
@@ -32,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from cpt_jax.data import build
 from cpt_jax.data.pipeline import rl_dataset, sft_dataset
@@ -62,6 +65,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--task", default="syn_texture", choices=SYNTHETIC_STAGES)
     parser.add_argument("--preset", default="small")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from this Hugging Face folder (model and tokenizer) "
+                             "instead of a randomly initialised preset")
     parser.add_argument("--train-examples", type=int, default=128)
     parser.add_argument("--eval-examples", type=int, default=128, help="test prompts")
     parser.add_argument("--sft-steps", type=int, default=80)
@@ -76,10 +82,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="answers per prompt for the pass rate at temperature 1")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name in ("train_examples", "eval_examples", "sft_steps", "grpo_steps",
-                 "prompts_per_step", "eval_samples"):
+    for name in ("train_examples", "eval_examples", "grpo_steps", "prompts_per_step",
+                 "eval_samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.sft_steps < 0:
+        parser.error("--sft-steps must be >= 0 (0: GRPO straight from the initial model)")
+    if args.init is not None and not (args.init / "config.json").exists():
+        parser.error(f"--init {args.init}: no config.json there")
     return args
 
 
@@ -171,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     results.update({
-        "task": args.task, "preset": args.preset, "commit": commit,
+        "task": args.task, "preset": None if args.init else args.preset, "commit": commit,
         "args": {k: str(v) for k, v in vars(args).items()},
         "seconds": time.perf_counter() - started,
         "command": " ".join(["python -m cpt_jax.experiments.learning",
@@ -184,13 +194,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
-    config = preset(args.preset)
-    tokenizer = task_tokenizer(config, data_dir)
+    if args.init is not None:
+        model, tokenizer = from_pretrained(args.init), AutoTokenizer.from_pretrained(args.init)
+    else:
+        config = preset(args.preset)
+        tokenizer = task_tokenizer(config, data_dir)
+        model = Qwen2_5_VL(config, rngs=nnx.Rngs(args.seed))
     task = args.task
     train = load_source(task, "train", data_dir=data_dir)
     measure = Measure(tokenizer, data_dir, task, args)
-    model = Qwen2_5_VL(config, rngs=nnx.Rngs(args.seed))
-    results: dict[str, Any] = {"untrained": measure(model, "untrained")}
+    results: dict[str, Any] = {"initial": measure(model, "initial model")}
+    if args.sft_steps == 0:
+        results.update(sft_losses=[], sft_seconds=0.0, sft=results["initial"])
+        return _grpo_phase(model, tokenizer, train, task, args, measure, results)
 
     print(f"SFT on {len(train)} {task} instances, {args.sft_steps} steps:", flush=True)
     phase = time.perf_counter()
@@ -203,8 +219,13 @@ def _run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     tokenizer.save_pretrained(checkpoint)
     model = from_pretrained(checkpoint)
     results["sft"] = measure(model, "after SFT")
+    return _grpo_phase(model, tokenizer, train, task, args, measure, results)
 
-    print(f"GRPO from {checkpoint}, {args.grpo_steps} steps:", flush=True)
+
+def _grpo_phase(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase, train, task: str,
+                args: argparse.Namespace, measure: Measure,
+                results: dict[str, Any]) -> dict[str, Any]:
+    print(f"GRPO, {args.grpo_steps} steps:", flush=True)
     phase = time.perf_counter()
     model = _grpo(model, tokenizer, train, task, args, args.out / "grpo_log.jsonl")
     results["grpo_seconds"] = time.perf_counter() - phase
@@ -220,7 +241,7 @@ def write_readme(path: Path, results: dict[str, Any], log_path: Path) -> None:
         for metric, name in (("accuracy", "greedy exact match"),
                              ("pass_rate", "pass rate at temperature 1")):
             key = f"{split}/{metric}"
-            table.append(f"| {split} | {name} | {pct(results['untrained'][key])} | "
+            table.append(f"| {split} | {name} | {pct(results['initial'][key])} | "
                          f"{pct(results['sft'][key])} | {pct(results['grpo'][key])} | "
                          f"{pct(results['sft'][f'{split}/majority'])} |")
     rows = "\n".join(f"| {r['step']} | {r['reward/mean']:.3f} | {r['reward/std']:.3f} | "
@@ -230,19 +251,24 @@ def write_readme(path: Path, results: dict[str, Any], log_path: Path) -> None:
     first = np.mean([r["reward/mean"] for r in log[:5]])
     last = np.mean([r["reward/mean"] for r in log[-5:]])
     losses = results["sft_losses"]
-    path.write_text(f"""# Learning on `{results['task']}` with the `{results['preset']}` model
+    initial = (f"the `{results['preset']}` preset, randomly initialised"
+               if results["args"]["init"] == "None" else f"`{results['args']['init']}`")
+    sft = (f"SFT: {len(losses)} steps in {results['sft_seconds']:.0f} s, loss "
+           f"{np.mean(losses[:5]):.3f} (first 5 steps) -> {np.mean(losses[-5:]):.3f} (last 5)."
+           if losses else "No SFT phase (`--sft-steps 0`): GRPO starts from the initial model.")
+    path.write_text(f"""# Learning on `{results["task"]}`
 
 Command: `{results['command']}` (commit `{results['commit']}`), {results['seconds']:.0f} s.
 
-All figures in %. "train" is the {results['args']['train_examples']} instances both phases
-train on; "test" is the task's test split (never trained on).
+Initial model: {initial}. All figures in %. "train" is the
+{results['args']['train_examples']} instances both phases train on; "test" is the task's test
+split (never trained on).
 
-| split | metric | untrained | after SFT | after GRPO | majority answer |
+| split | metric | initial | after SFT | after GRPO | majority answer |
 |---|---|---|---|---|---|
 {chr(10).join(table)}
 
-SFT: {len(losses)} steps in {results['sft_seconds']:.0f} s, loss {np.mean(losses[:5]):.3f}
-(first 5 steps) -> {np.mean(losses[-5:]):.3f} (last 5). GRPO: {len(log)} steps in
+{sft} GRPO: {len(log)} steps in
 {results['grpo_seconds']:.0f} s; training reward {first:.3f} (mean of the first 5 steps) ->
 {last:.3f} (last 5).
 
