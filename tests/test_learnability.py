@@ -27,9 +27,14 @@ def test_learnability_writes_results_and_table(tmp_path):
         assert row["n"] == 8, task
         for key in ("untrained", "trained", "majority", "blank", "blind"):
             assert 0.0 <= row[key] <= 1.0, (task, key)
+        if row["role"] == "stage":
+            assert 0.0 <= row["lookup"] <= 1.0, task
+        else:
+            assert row["lookup"] is None, task
         assert row["majority"] > 0.0, task
     readme = (out / "README.md").read_text()
     assert "| task | paper analogue |" in readme and "1 syn_caption batches" in readme
+    assert "| majority | lookup | untrained |" in readme
     assert "| blank | blind-trained | n |" in readme and "first 1 steps on syn_caption" in readme
     for task in results["tasks"]:
         assert f"| {task} |" in readme

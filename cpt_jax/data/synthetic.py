@@ -14,7 +14,7 @@ Rows have the schema of the paper's data (one parquet file per task and split): 
 | syn_ocr | TextVQA | the word written (prompt carries OCR tokens) | one of 8 words |
 | syn_unanswerable | VizWiz | the shape's colour; no shape in ~30% | colour / "unanswerable" |
 | syn_spatial | GQA | red shape left/right of, or above/below, the blue one | side |
-| syn_geometry | Geometry3K | how many sides the polygon has | 3-6 |
+| syn_geometry | Geometry3K | how many sides the regular polygon has | 3-6 |
 | syn_texture | PathVQA | is the tile striped | yes / no |
 | syn_count | Super-CLEVR | how many red objects (or all objects) | integer |
 | syn_general_pope | POPE (held out) | is there a <shape> | yes / no |
@@ -244,19 +244,12 @@ def _ocr(rng: np.random.Generator, index: int) -> Draft:
 
 
 def _word_image(rng: np.random.Generator) -> tuple[Image.Image, str]:
-    """A word from WORDS written large on a small canvas, sometimes on a sign board."""
-    image = _canvas(rng, widths=(112,), heights=(56, 84))
+    """A word from WORDS written large near the middle of a small canvas."""
+    image = _canvas(rng, widths=(112,), heights=(56,))
     word = _pick(rng, WORDS)
     mask = _glyphs(word, 3)
-    x = int(rng.integers(2, image.width - mask.width - 1))
-    y = int(rng.integers(2, image.height - mask.height - 1))
-    if rng.random() < 0.5:  # a sign board behind the word
-        pad = 1
-        ImageDraw.Draw(image).rectangle(
-            (x - pad, y - pad, x + mask.width + pad, y + mask.height + pad),
-            outline=_pick(rng, INKS),
-            width=1,
-        )
+    x = (image.width - mask.width) // 2 + int(rng.integers(-4, 5))
+    y = (image.height - mask.height) // 2 + int(rng.integers(-4, 5))
     _write(image, word, (x, y), _pick(rng, INKS), 3)
     return image, word
 
@@ -287,20 +280,15 @@ def _spatial(rng: np.random.Generator, index: int) -> Draft:
 
 
 def _geometry(rng: np.random.Generator, index: int) -> Draft:
-    """Geometry3K analogue: how many sides a drawn polygon has (3 to 6; balanced by index),
-    regular or not, outlined or filled, turned at random."""
+    """Geometry3K analogue: how many sides a drawn regular polygon has (3 to 6; balanced by
+    index), filled, near the middle, turned a little."""
     sides = 3 + index % 4
     image = Image.new("RGB", (112, 112), _pick(rng, BACKGROUNDS))
-    radius = rng.uniform(30, 50)
-    cx, cy = (rng.uniform(radius + 2, 110 - radius) for _ in range(2))
-    step = 2 * np.pi / sides
-    angles = rng.uniform(0, step) + step * np.arange(sides) + rng.uniform(-0.2, 0.2, sides) * step
+    radius = rng.uniform(38, 50)
+    cx, cy = (56 + rng.uniform(-4, 4) for _ in range(2))
+    angles = -np.pi / 2 + rng.uniform(-0.15, 0.15) + 2 * np.pi * np.arange(sides) / sides
     points = [(cx + radius * np.cos(a), cy + radius * np.sin(a)) for a in angles]
-    ink = _pick(rng, [*INKS, *COLOURS.values()])
-    if rng.random() < 0.5:
-        ImageDraw.Draw(image).polygon(points, fill=ink)
-    else:
-        ImageDraw.Draw(image).polygon(points, outline=ink, width=3)
+    ImageDraw.Draw(image).polygon(points, fill=_pick(rng, [*INKS, *COLOURS.values()]))
     return "How many sides does the polygon have?", str(sides), image
 
 

@@ -40,7 +40,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cpt_jax.data import build
 from cpt_jax.data.pipeline import EncodeOptions, eval_dataset, sft_dataset
-from cpt_jax.data.sources import load_source
+from cpt_jax.data.sources import SourceNotBuiltError, load_source
 from cpt_jax.data.synthetic import SYNTHETIC_MAX_PIXELS, SYNTHETIC_MIN_PIXELS
 from cpt_jax.data.tasks import (
     SYNTHETIC_GENERAL,
@@ -136,7 +136,7 @@ def evaluate_task(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase, data_di
                 answers.append(answer)
                 if len(samples) < 3:
                     samples.append({"prediction": prediction, "answer": answer})
-    top = collections.Counter(a.strip().lower() for a in answers).most_common(1)[0]
+    top = collections.Counter(_norm(a) for a in answers).most_common(1)[0]
     return {"accuracy": correct / len(answers), "n": len(answers),
             "majority": top[1] / len(answers), "majority_answer": top[0], "samples": samples}
 
@@ -229,9 +229,32 @@ def standard_error(accuracy: float, n: int) -> float:
 
 
 def question_only(row: dict[str, Any]) -> float:
-    """The best accuracy without the images: the majority answer, the trained model on blanked
-    images, and the blind-trained model where one was trained."""
-    return max(row["majority"], row["blank"], row.get("blind", 0.0))
+    """The best accuracy without the images: the majority answer, the question lookup, the
+    trained model on blanked images, and the blind-trained model where one was trained."""
+    return max(row["majority"], row.get("lookup") or 0.0, row["blank"], row.get("blind", 0.0))
+
+
+def question_lookup(data_dir: Path, task: str, examples: int) -> float | None:
+    """Accuracy on the first `examples` test rows of a predictor that never sees the image:
+    the most frequent training answer of the same problem text, else the most frequent
+    training answer (what a model could learn from the text alone, in the limit)."""
+    by_problem: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    try:
+        train_rows = load_source(task, "train", data_dir=data_dir)
+    except SourceNotBuiltError:  # held-out tasks have no training split
+        return None
+    for row in train_rows:
+        by_problem[row["problem"]][_norm(row["answer"])] += 1
+    overall = sum(by_problem.values(), collections.Counter()).most_common(1)[0][0]
+    test = load_source(task, "test", data_dir=data_dir)
+    rows = [test[i] for i in range(min(examples, len(test)))]
+    hits = sum((by_problem[r["problem"]].most_common(1)[0][0] if r["problem"] in by_problem
+                else overall) == _norm(r["answer"]) for r in rows)
+    return hits / len(rows)
+
+
+def _norm(answer: str) -> str:
+    return answer.strip().lower()
 
 
 def write_readme(path: Path, results: dict[str, Any]) -> None:
@@ -240,15 +263,18 @@ def write_readme(path: Path, results: dict[str, Any]) -> None:
     rows, improved, trivial = [], [], []
     for task, r in results["tasks"].items():
         se = standard_error(r["trained"], r["n"])
+        lookup = "-" if r["lookup"] is None else _pct(r["lookup"])
         rows.append(f"| {task} | {get_task(task).paper_task} | {get_task(task).role} | "
-                    f"{_pct(r['majority'])} | {_pct(r['untrained'])} | {_pct(r['trained'])} "
+                    f"{_pct(r['majority'])} | {lookup} | {_pct(r['untrained'])} | "
+                    f"{_pct(r['trained'])} "
                     f"± {_pct(se)} | {_pct(r['blank'])} | "
                     + (f"{_pct(r['blind'])} | " if blind else "") + f"{r['n']} |")
         if get_task(task).role == "stage":
             reads = r["trained"] - question_only(r) > 2 * se
             (improved if reads else trivial).append(task)
-    outcome = (f"Stage tasks whose trained accuracy beats the majority and the question-only "
-               f"baselines by more than two standard errors: {', '.join(improved) or 'none'}. "
+    baselines = "majority, lookup, blank" + (", blind-trained" if blind else "")
+    outcome = (f"Stage tasks whose trained accuracy beats every question-only baseline "
+               f"({baselines}) by more than two standard errors: {', '.join(improved) or 'none'}. "
                f"Stage tasks that do not, in this budget: {', '.join(trivial) or 'none'}.")
     weight, warmup = results.get("caption_weight", 0), results.get("caption_warmup", 0)
     captions = f", and {weight} syn_caption batches per round of seven" if weight else ""
@@ -271,12 +297,14 @@ with warm-up {results.get('warmup_ratio', 0.1):g} and cosine decay, {results['dt
 - Evaluation: greedy decoding without chain of thought (up to {results['new_tokens']} new \
 tokens, stop at
   `<|im_end|>`), exact match (`cpt_jax.rewards.exact_match`) on the first n test examples of
-  each task. Majority: the share of the most frequent answer among those examples. The
+  each task. Majority: the share of the most frequent answer among those examples. Lookup:
+  a predictor without the image, the most frequent training answer of the same problem text
+  (else of the task). The
   general tasks are held out (never trained on). Accuracies in %, trained ± one standard
   error. Blank: the trained model with every image's pixel values set to 0.{blind_rule}
 
-| task | paper analogue | role | majority | untrained | trained | blank |{blind_column} n |
-|---|---|---|---|---|---|---|{'---|' if blind else ''}---|
+| task | paper analogue | role | majority | lookup | untrained | trained | blank |{blind_column} n |
+|---|---|---|---|---|---|---|---|{'---|' if blind else ''}---|
 {chr(10).join(rows)}
 
 {outcome}
@@ -312,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          vision_lr_scale=args.vision_lr_scale, warmup_ratio=WARMUP_RATIO,
                          blank=blank)
 
+        lookups = {task: question_lookup(data_dir, task, args.eval_examples)
+                   for task in EVAL_TASKS}
         print(f"training {args.steps} steps:", flush=True)
         model, losses, per_step = recipe(model, blank=False)
         if args.save is not None:
@@ -336,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "blank": blank[task]["accuracy"],
                     **({"blind": blind[task]["accuracy"]} if blind else {}),
                     "majority": before[task]["majority"],
+                    "lookup": lookups[task],
                     "majority_answer": before[task]["majority_answer"], "n": before[task]["n"],
                     "role": get_task(task).role, "paper_task": get_task(task).paper_task,
                     "untrained_samples": before[task]["samples"],
