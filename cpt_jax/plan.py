@@ -99,17 +99,21 @@ class PlanError(ValueError):
 
 
 def topology_devices(name: str) -> list[jax.Device]:
-    """The abstract devices of a TPU topology such as "v5p:2x2x1" (needs libtpu)."""
+    """The abstract devices of a TPU topology such as "v5p:2x2x1" (needs libtpu). A v4 chip's
+    two TensorCores are one megacore device, as JAX shows them on a v4 VM (libtpu's default
+    description splits them into two devices of half the HBM)."""
     from jax.experimental import topologies
+    extra = {"chip_config_name": "megacore"} if name.startswith("v4:") else {}
     try:
-        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu",
+                                                  **extra).devices)
     except Exception as error:  # libtpu missing, or a name it does not know
         raise PlanError(f"--topology {name}: {str(error).splitlines()[0]} (TPU compilation "
                         f"needs libtpu: pip install -r requirements-tpu.txt)") from None
 
 
 def chip_figures(devices: Sequence[jax.Device]) -> tuple[int, float]:
-    """(HBM bytes, peak bf16 FLOP/s) per device: a v4 chip shows as two devices."""
+    """(HBM bytes, peak bf16 FLOP/s) per device (a chip may show as several devices)."""
     kind = devices[0].device_kind
     if kind not in CHIPS:
         raise PlanError(f"no HBM figure for device kind {kind!r}; known: {', '.join(CHIPS)}")
@@ -272,9 +276,7 @@ class Planner:
         """name -> a thunk giving (the jitted program, its abstract arguments), for the
         config's algorithms."""
         config = self.config
-        algorithms = {stage_algorithm(config, s) for s in config.stages}
-        if config.mode == "rif":
-            algorithms.add("grpo")
+        algorithms = run_algorithms(config)
         found: dict[str, Callable[[], tuple[Any, tuple[Any, ...]]]] = {}
         if "sft" in algorithms:
             found["sft_step"] = lambda: (
@@ -351,10 +353,10 @@ class Planner:
                            + vision_attn)
 
         config, found = self.config, {}
-        algorithms = {stage_algorithm(config, s) for s in config.stages}
+        algorithms = run_algorithms(config)
         if "sft" in algorithms:
             found["sft"] = 3 * forward(config.sft.batch_size, max(config.data.length_buckets))
-        if "grpo" in algorithms or config.mode == "rif":
+        if "grpo" in algorithms:
             grpo = config.grpo
             prompts, answers = grpo.prompts_per_step, grpo.prompts_per_step * grpo.group_size
             length = self.prompt_length() + grpo.max_new_tokens
@@ -448,12 +450,23 @@ def plan(config: RunConfig, topology: str, *, mfu: float = 0.4,
     }
 
 
+def run_algorithms(config: RunConfig) -> set[str]:
+    """The algorithms a run's stages use ("sft", "grpo"); RIF samples, so it implies GRPO."""
+    algorithms = {stage_algorithm(config, s) for s in config.stages}
+    return algorithms | {"grpo"} if config.mode == "rif" else algorithms
+
+
 def suggest(config: RunConfig, topology: str, report: dict[str, Any],
             mfu: float) -> str | None:
-    """When the plan does not fit: the first smaller micro-batch or fsdp-heavier mesh that
-    does (each tried by compiling), or None."""
+    """When the plan does not fit: the first fsdp-heavier mesh or smaller micro-batch of the
+    run's algorithms that does, or None. Each candidate is compiled for the programs that did
+    not fit (more sharding or smaller micro-batches do not grow the others)."""
     if report["fits"]:
         return None
+    hbm = report["hbm_bytes_per_device"]
+    failing = [name for name, r in report["programs"].items()
+               if r["error"] or r["peak_bytes"] > hbm]
+    algorithms = run_algorithms(config)
     devices = report["devices"]
     tries: list[tuple[str, RunConfig]] = []
     for fsdp in _divisors(devices):
@@ -464,17 +477,18 @@ def suggest(config: RunConfig, topology: str, report: dict[str, Any],
             tries.append((f"mesh.fsdp={fsdp} mesh.data={mesh.data}",
                           dataclasses.replace(config, mesh=mesh)))
     sft = config.sft
-    for micro in _divisors(sft.batch_size):
+    for micro in _divisors(sft.batch_size) if "sft" in algorithms else []:
         if micro > sft.micro_batches:
             tries.append((f"sft.micro_batches={micro}", dataclasses.replace(
                 config, sft=dataclasses.replace(sft, micro_batches=micro))))
-    for rows in sorted(_divisors(config.grpo.micro_batch_rows), reverse=True):
+    for rows in (sorted(_divisors(config.grpo.micro_batch_rows), reverse=True)
+                 if "grpo" in algorithms else []):
         if rows < config.grpo.micro_batch_rows:
             tries.append((f"grpo.micro_batch_rows={rows}", dataclasses.replace(
                 config, grpo=dataclasses.replace(config.grpo, micro_batch_rows=rows))))
     for label, candidate in tries:
         try:
-            if plan(candidate, topology, mfu=mfu)["fits"]:
+            if plan(candidate, topology, mfu=mfu, only=failing)["fits"]:
                 return label
         except (ConfigError, PlanError, ValueError):
             continue
@@ -507,6 +521,9 @@ def table(report: dict[str, Any]) -> str:
                      f"{100 * report['mfu']:.0f}% MFU")
     if report.get("suggestion"):
         lines.append(f"suggestion: {report['suggestion']} fits")
+    elif "suggestion" in report and not report["fits"]:
+        lines.append("suggestion: no larger fsdp or smaller micro-batch tried fits; "
+                     "a larger topology is needed")
     return "\n".join(lines)
 
 

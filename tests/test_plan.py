@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cpt_jax.config import ConfigError, load_run_config
-from cpt_jax.plan import GiB, main, plan, table
+from cpt_jax.plan import GiB, chip_figures, main, plan, table, topology_devices
 
 pytest.importorskip("libtpu", reason="TPU compilation needs libtpu (requirements-tpu.txt)")
 
@@ -116,3 +116,13 @@ def test_base_chains_resolve_and_refuse_cycles(tmp_path):
     (tmp_path / "b.yaml").unlink()
     with pytest.raises(ConfigError, match=r"b.yaml \(the base of .*a.yaml\) does not exist"):
         load_run_config(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize("topology, devices, hbm", [("v4:2x2x1", 4, 32 * GiB),
+                                                    ("v5p:2x2x1", 4, 95 * GiB),
+                                                    ("v5e:2x4", 8, 16 * GiB)])
+def test_topologies_show_the_devices_jax_shows_on_the_vm(topology, devices, hbm):
+    """A v4-8 VM shows four megacore devices of 32 GiB, not eight TensorCores of 16."""
+    found = topology_devices(topology)
+    assert len(found) == devices
+    assert chip_figures(found)[0] == hbm
