@@ -72,6 +72,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-examples", type=int, default=128, help="test prompts")
     parser.add_argument("--sft-steps", type=int, default=80)
     parser.add_argument("--sft-lr", type=float, default=1e-3)
+    parser.add_argument("--vision-lr-scale", type=float, default=0.1,
+                        help="the vision tower's SFT learning rate relative to --sft-lr (the "
+                             "learnability recipe's)")
     parser.add_argument("--batch-size", type=int, default=8, help="SFT batch")
     parser.add_argument("--grpo-steps", type=int, default=30)
     parser.add_argument("--grpo-lr", type=float, default=1e-4)
@@ -126,8 +129,9 @@ class Measure:
 
 
 def _sft(model: Qwen2_5_VL, batches: Iterator[dict[str, np.ndarray]], steps: int,
-         lr: float) -> tuple[Qwen2_5_VL, list[float]]:
-    optimizer = make_optimizer(learning_rate=lr, total_steps=steps, warmup_ratio=0.1)
+         lr: float, vision_lr_scale: float) -> tuple[Qwen2_5_VL, list[float]]:
+    optimizer = make_optimizer(learning_rate=lr, total_steps=steps, warmup_ratio=0.1,
+                               vision_lr_scale=vision_lr_scale)
     step = make_sft_step(model, optimizer, micro_batches=1)
     state = TrainState.create(model, optimizer)
     losses = []
@@ -212,7 +216,8 @@ def _run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     phase = time.perf_counter()
     batches = iter(sft_dataset(train, task=task, tokenizer=tokenizer,
                                batch_size=args.batch_size, seed=args.seed, options=OPTIONS))
-    model, results["sft_losses"] = _sft(model, batches, args.sft_steps, args.sft_lr)
+    model, results["sft_losses"] = _sft(model, batches, args.sft_steps, args.sft_lr,
+                                             args.vision_lr_scale)
     results["sft_seconds"] = time.perf_counter() - phase
     checkpoint = args.out / "sft_checkpoint"
     save_pretrained(model, checkpoint)
@@ -253,7 +258,9 @@ def write_readme(path: Path, results: dict[str, Any], log_path: Path) -> None:
     losses = results["sft_losses"]
     initial = (f"the `{results['preset']}` preset, randomly initialised"
                if results["args"]["init"] == "None" else f"`{results['args']['init']}`")
-    sft = (f"SFT: {len(losses)} steps in {results['sft_seconds']:.0f} s, loss "
+    sft = (f"SFT: {len(losses)} steps of batch {results['args']['batch_size']} at lr "
+           f"{results['args']['sft_lr']} (vision tower x{results['args']['vision_lr_scale']}) "
+           f"in {results['sft_seconds']:.0f} s, loss "
            f"{np.mean(losses[:5]):.3f} (first 5 steps) -> {np.mean(losses[-5:]):.3f} (last 5)."
            if losses else "No SFT phase (`--sft-steps 0`): GRPO starts from the initial model.")
     path.write_text(f"""# Learning on `{results["task"]}`
