@@ -338,7 +338,8 @@ def _count(rng: np.random.Generator, index: int) -> Draft:
         return "How many objects are there?", str(n), image
     target = int(rng.integers(0, 5))
     others = int(rng.integers(max(0, 1 - target), 7 - target))
-    colours = ["red"] * target + [_pick(rng, _COLOUR_NAMES[1:]) for _ in range(others)]
+    not_red = [c for c in _COLOUR_NAMES if c != "red"]
+    colours = ["red"] * target + [_pick(rng, not_red) for _ in range(others)]
     _place(rng, image, [_pick(rng, SHAPES) for _ in colours], colours)
     return "How many red objects are there?", str(target), image
 
