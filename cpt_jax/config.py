@@ -148,6 +148,7 @@ class StageConfig:
     algorithm: str | None = None
     epochs: float = 1.0
     steps: int | None = None
+    learning_rate: float | None = None  # this stage's peak rate, else its algorithm's optim's
 
 
 @dataclass
@@ -282,6 +283,12 @@ def check(config: RunConfig, *, device_count: int | None = None) -> None:
             _choice(stage.algorithm, ALGORITHMS, f"stages[{i}].algorithm")
         if stage.steps is None and stage.epochs <= 0:
             raise ConfigError(f"stages[{i}]: epochs must be > 0 (or set steps)")
+        if stage.learning_rate is not None and stage.learning_rate <= 0:
+            raise ConfigError(f"stages[{i}].learning_rate must be > 0, got "
+                              f"{stage.learning_rate}")
+        if stage.learning_rate is not None and config.mode == "multitask":
+            raise ConfigError(f"stages[{i}].learning_rate: a multitask run trains one stage; "
+                              f"set sft.optim.learning_rate / grpo.optim.learning_rate")
     for task in config.data.general_tasks:
         if task not in TASKS:
             raise ConfigError(f"data.general_tasks: unknown task {task!r}")

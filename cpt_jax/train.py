@@ -18,6 +18,7 @@ shape) is reported as one line before the first compile.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -75,6 +76,7 @@ class Stage:
     algorithm: str
     epochs: tuple[float, ...]
     steps: int | None  # fixed by the config, else from the epochs and the (filtered) data
+    learning_rate: float | None = None  # overrides the algorithm's optim.learning_rate
 
     @property
     def name(self) -> str:
@@ -111,8 +113,8 @@ def plan_stages(config: RunConfig) -> list[Stage]:
         return [Stage(1, tuple(s.task for s in config.stages), algorithms.pop(),
                       tuple(s.epochs for s in config.stages),
                       sum(steps) if None not in steps else None)]
-    return [Stage(i + 1, (s.task,), stage_algorithm(config, s), (s.epochs,), s.steps)
-            for i, s in enumerate(config.stages)]
+    return [Stage(i + 1, (s.task,), stage_algorithm(config, s), (s.epochs,), s.steps,
+                  s.learning_rate) for i, s in enumerate(config.stages)]
 
 
 def _unique(items: Sequence[str]) -> list[str]:
@@ -217,7 +219,7 @@ class ContinualRun:
                                   f"{progress.stage}, this config has {len(self.stages)}")
         stage = self.stages[progress.stage - 1]
         target = self._state(self.params,
-                             self._optimizer(stage.algorithm, max(1, progress.stage_steps)))
+                             self._optimizer(stage, max(1, progress.stage_steps)))
         saved, _ = self.checkpoints.restore(step, abstract(_arrays(target)))
         self.params = saved["params"]
         self._restored = saved
@@ -265,7 +267,7 @@ class ContinualRun:
             print(f"stage {stage.index} ({stage.name}): no instances left to train on",
                   flush=True)
         total = max(1, progress.stage_steps)
-        state = self._state(self.params, self._optimizer(stage.algorithm, total))
+        state = self._state(self.params, self._optimizer(stage, total))
         if resuming:
             state = state.replace(**self._restored)
         key = jax.random.fold_in(jax.random.key(self.config.seed), stage.index)
@@ -305,7 +307,7 @@ class ContinualRun:
         """The stage's data iterator and `step(state, batches, key) -> (state, metrics)`."""
         config, seed = self.config, self.config.seed + stage.index
         task = stage.tasks[0]  # the template and reward are the same for every task
-        program = self._program(stage.algorithm, total_steps)
+        program = self._program(stage, total_steps)
         if stage.algorithm == "sft":
             micro = config.sft.micro_batches
             batches = iter(sft_dataset(source, task=task, tokenizer=self.tokenizer,
@@ -329,15 +331,15 @@ class ContinualRun:
 
         return batches, step
 
-    def _program(self, algorithm: str, total_steps: int) -> Any:
+    def _program(self, stage: Stage, total_steps: int) -> Any:
         """The jitted SFT step or the GRPO trainer (sampler, log-probs, update) for a stage,
         shared by the stages whose optimiser schedules are the same (compiled once)."""
-        optim = self._optim(algorithm)
+        algorithm, optim = stage.algorithm, self._optim(stage)
         schedule_steps = (None if optim.schedule == "constant" and optim.warmup_ratio == 0
                           else total_steps)
-        cache_key = (algorithm, schedule_steps)
+        cache_key = (algorithm, schedule_steps, optim.learning_rate)
         if cache_key not in self._programs:
-            optimizer = self._optimizer(algorithm, total_steps)
+            optimizer = self._optimizer(stage, total_steps)
             self._programs[cache_key] = (
                 make_sft_step(self.model, optimizer, micro_batches=self.config.sft.micro_batches)
                 if algorithm == "sft" else
@@ -412,11 +414,15 @@ class ContinualRun:
         previous, _ = self.checkpoints.restore_stage(stage.index - 1, abstract(self.params))
         return previous, self.rest
 
-    def _optim(self, algorithm: str) -> OptimConfig:
-        return self.config.sft.optim if algorithm == "sft" else self.config.grpo.optim
+    def _optim(self, stage: Stage) -> OptimConfig:
+        """The stage's optimiser settings: its algorithm's, at the stage's own rate if set."""
+        optim = self.config.sft.optim if stage.algorithm == "sft" else self.config.grpo.optim
+        if stage.learning_rate is None:
+            return optim
+        return dataclasses.replace(optim, learning_rate=stage.learning_rate)
 
-    def _optimizer(self, algorithm: str, total_steps: int) -> optax.GradientTransformation:
-        optim = self._optim(algorithm)
+    def _optimizer(self, stage: Stage, total_steps: int) -> optax.GradientTransformation:
+        optim = self._optim(stage)
         return make_optimizer(learning_rate=optim.learning_rate, total_steps=total_steps,
                               warmup_ratio=optim.warmup_ratio, schedule=optim.schedule,
                               weight_decay=optim.weight_decay, grad_clip=optim.grad_clip,

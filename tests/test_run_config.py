@@ -63,6 +63,8 @@ def test_file_and_overrides_are_typed(path):
     ("grpo.advantage=ppo", "grpo.advantage must be 'grpo' or 'rloo'"),
     ("model.dtype=float16", "model.dtype: 'float16'"),
     ("data.general_tasks=[nope]", "data.general_tasks: unknown task 'nope'"),
+    ("stages.1.learning_rate=0", "stages[1].learning_rate must be > 0, got 0.0"),
+    ("stages.1.learning_rate=fast", "stages[1].learning_rate: Value 'fast'"),
     ("nokey", "not of the form key=value"),
 ])
 def test_bad_overrides_name_the_key(path, override, message):
@@ -70,6 +72,14 @@ def test_bad_overrides_name_the_key(path, override, message):
             "(", r"\(")) as error:
         load_run_config(path, [override], device_count=8)
     assert "\n" not in str(error.value)
+
+
+def test_stage_learning_rate_only_where_stages_train_apart(path):
+    config = load_run_config(path, ["stages.1.learning_rate=3e-5"], device_count=8)
+    assert [s.learning_rate for s in config.stages] == [None, 3e-5]
+    with pytest.raises(ConfigError, match=r"stages\[1\].learning_rate: a multitask run"):
+        load_run_config(path, ["stages.1.learning_rate=3e-5", "mode=multitask"],
+                        device_count=8)
 
 
 def test_batches_must_divide_over_the_mesh(path):

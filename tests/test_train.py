@@ -124,6 +124,20 @@ def _run(args: list[str], **kwargs) -> subprocess.Popen:
 
 
 @pytest.mark.slow
+def test_a_stage_trains_at_its_own_learning_rate(data_dir, tmp_path):
+    """stages.N.learning_rate replaces the algorithm's peak rate for that stage only: the
+    logged rate of every update says which optimiser ran."""
+    out = tmp_path / "run"
+    assert train.main(["--config", str(ROOT / "configs/tiny_cpt.yaml"),
+                       *_overrides(data_dir, out, "stages.1.learning_rate=3e-3")]) == 0
+    steps = [r for r in read_metrics(out) if r.get("event") is None]
+    first = [r["learning_rate"] for r in steps if r["stage"] == 1]
+    second = [r["learning_rate"] for r in steps if r["stage"] == 2]
+    # The same warm-up + cosine schedule over 4 steps, peaking at 1e-3 and at 3e-3.
+    assert len(first) == len(second) == 4 and max(first) == pytest.approx(1e-3)
+    assert second == pytest.approx([3 * rate for rate in first])
+
+
 def test_kill_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
     """Stage 1 SFT, stage 2 GRPO (sampling keys matter); killed with SIGKILL in stage 2."""
     config = str(ROOT / "configs/tiny_cpt.yaml")
