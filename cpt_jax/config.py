@@ -242,6 +242,12 @@ def stage_algorithm(config: RunConfig, stage: StageConfig) -> str:
     return stage.algorithm or config.algorithm
 
 
+def run_algorithms(config: RunConfig) -> set[str]:
+    """The algorithms a run's stages use ("sft", "grpo"); RIF samples, so it implies GRPO."""
+    algorithms = {stage_algorithm(config, s) for s in config.stages}
+    return algorithms | {"grpo"} if config.mode == "rif" else algorithms
+
+
 def mesh_shape(mesh: MeshConfig, device_count: int) -> tuple[int, int, int]:
     """(data, fsdp, tp) with a -1 resolved to the devices left over."""
     sizes = [mesh.data, mesh.fsdp, mesh.tp]
@@ -292,8 +298,9 @@ def check(config: RunConfig, *, device_count: int | None = None) -> None:
     for task in config.data.general_tasks:
         if task not in TASKS:
             raise ConfigError(f"data.general_tasks: unknown task {task!r}")
+    algorithms = run_algorithms(config)
     grpo_stages = [s for s in config.stages if stage_algorithm(config, s) == "grpo"]
-    if grpo_stages or config.mode == "rif":
+    if "grpo" in algorithms:
         try:  # GRPOConfig's own checks, named as keys of the `grpo` section
             grpo_config(config.grpo).check_batch(config.grpo.prompts_per_step)
         except ValueError as error:
@@ -319,8 +326,7 @@ def check(config: RunConfig, *, device_count: int | None = None) -> None:
         data, fsdp, _ = mesh_shape(config.mesh, device_count)
         shards = data * fsdp
         micro = config.sft.batch_size // config.sft.micro_batches
-        sft_stages = [s for s in config.stages if stage_algorithm(config, s) == "sft"]
-        if sft_stages and micro % shards:
+        if "sft" in algorithms and micro % shards:
             raise ConfigError(f"sft: a micro-batch of {micro} rows does not divide over the "
                               f"mesh's {shards} data x fsdp shards")
         if grpo_stages and config.grpo.micro_batch_rows % shards:

@@ -49,7 +49,7 @@ from cpt_jax.config import (  # noqa: E402
     grpo_config,
     load_run_config,
     mesh_shape,
-    stage_algorithm,
+    run_algorithms,
 )
 from cpt_jax.data.pipeline import patch_bucket  # noqa: E402
 from cpt_jax.models.qwen2_5_vl import (  # noqa: E402
@@ -448,12 +448,6 @@ def plan(config: RunConfig, topology: str, *, mfu: float = 0.4,
         "step_seconds_at_mfu": {k: f / (len(devices) * peak_flops * mfu)
                                 for k, f in flops.items()},
     }
-
-
-def run_algorithms(config: RunConfig) -> set[str]:
-    """The algorithms a run's stages use ("sft", "grpo"); RIF samples, so it implies GRPO."""
-    algorithms = {stage_algorithm(config, s) for s in config.stages}
-    return algorithms | {"grpo"} if config.mode == "rif" else algorithms
 
 
 def suggest(config: RunConfig, topology: str, report: dict[str, Any],
