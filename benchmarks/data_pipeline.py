@@ -6,7 +6,8 @@ Builds the synthetic benchmark (`python -m cpt_jax.data.build --synthetic`, --tr
 task) into a temporary data dir, trains the `small` preset's tokenizer (vocab 8192) on the
 prompts and answers of the seven stage tasks, and feeds `sft_dataset` / `rl_dataset` (batch 8,
 the synthetic min/max pixels, --length-buckets) for a few tasks and for the mix of the seven
-stage tasks (`grain.IterDataset.mix` of the per-task pipelines, equal weights).
+stage tasks (`grain.IterDataset.mix` of the per-task pipelines' encoded shares, equal
+weights).
 
 1. Pipeline: steady-state examples/s of each iterator. The first --skip batches are not timed
    (the first batch waits for Grain's 16 prefetch threads to start, and the batches those
@@ -44,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import datetime
 import gc
 import io
@@ -69,6 +71,7 @@ from machine import cpu_model, package_version
 from cpt_jax.data import build
 from cpt_jax.data.pipeline import (
     EncodeOptions,
+    GlobalBatches,
     collate,
     encode_prompt_only,
     encode_sft,
@@ -159,10 +162,25 @@ def pipeline_factory(kind: str, sources: dict, tokenizer, options: EncodeOptions
     return make
 
 
-def workload_dataset(make: Callable, workload: str) -> grain.IterDataset:
-    if workload == MIX:
-        return grain.IterDataset.mix([make(task) for task in SYNTHETIC_STAGES])
-    return make(workload)
+def workload_dataset(make: Callable, workload: str) -> grain.IterDataset | GlobalBatches:
+    """One task's pipeline, or the mix of the seven stage tasks' (their encoded shares mixed,
+    one collate: the tasks share their batch options)."""
+    if workload != MIX:
+        return make(workload)
+    parts = [make(task) for task in SYNTHETIC_STAGES]
+    if isinstance(parts[0], GlobalBatches):
+        return dataclasses.replace(parts[0],
+                                   shares=grain.IterDataset.mix([p.shares for p in parts]))
+    return grain.IterDataset.mix(parts)
+
+
+def with_workers(dataset: grain.IterDataset | GlobalBatches,
+                 workers: int) -> grain.IterDataset | GlobalBatches:
+    """The pipeline with its encoding in `workers` worker processes."""
+    options = grain.MultiprocessingOptions(num_workers=workers)
+    if isinstance(dataset, GlobalBatches):
+        return dataclasses.replace(dataset, shares=dataset.shares.mp_prefetch(options))
+    return dataset.mp_prefetch(options)
 
 
 def time_iterator(dataset: grain.IterDataset, *, skip: int, batches: int, keep: int,
@@ -235,8 +253,7 @@ def measure_pipelines(workloads, sources, tokenizer, options, consumer, args) ->
             line += (f"; {entry['step']['consumer']} {entry['step']['median_step_s']:.3f} s/batch"
                      f" = {entry['step']['examples_per_s']:.1f} ex/s")
             if args.workers:
-                mp = time_iterator(workload_dataset(make, workload).mp_prefetch(
-                    grain.MultiprocessingOptions(num_workers=args.workers)),
+                mp = time_iterator(with_workers(workload_dataset(make, workload), args.workers),
                     skip=args.workers_skip, batches=args.workers_batches, keep=0,
                     max_s=args.workers_max_s)
                 mp.pop("_kept")
@@ -258,8 +275,8 @@ def measure_read_options(sources, tokenizer, options, args) -> dict:
         runs = {"in_process": time_iterator(workload_dataset(make, MIX), skip=args.skip,
                                             batches=args.batches, keep=0)}
         if args.workers:
-            runs["workers"] = time_iterator(workload_dataset(make, MIX).mp_prefetch(
-                grain.MultiprocessingOptions(num_workers=args.workers)),
+            runs["workers"] = time_iterator(with_workers(workload_dataset(make, MIX),
+                                                         args.workers),
                 skip=args.workers_skip, batches=args.workers_batches, keep=0,
                 max_s=args.workers_max_s)
         for run in runs.values():

@@ -27,11 +27,13 @@ class CheckpointError(ValueError):
 
 
 def abstract(tree: Any, shardings: Any | None = None) -> Any:
-    """Shapes, dtypes and (optionally) shardings of a pytree of arrays: a restore target."""
+    """Shapes, dtypes and shardings of a pytree of arrays: a restore target. The shardings are
+    `shardings`, else each array's own, else this process's default device: never the saved
+    ones, which name devices that may not be here (a checkpoint from a TPU pod on a laptop)."""
     if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                           sharding=getattr(x, "sharding",
-                                                                            None)), tree)
+        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default), tree)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
 
@@ -41,9 +43,14 @@ class Checkpoints:
 
     def __init__(self, output_dir: os.PathLike | str, *, keep: int = 2):
         root = Path(output_dir).resolve() / "checkpoints"
+        # Each manager names its own multi-host barriers: rolling save n and stage n can be in
+        # flight at once, and Orbax would otherwise give both the same barrier key.
         self.rolling = _manager(root / "rolling", ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True))
-        self.stages = _manager(root / "stages", ocp.CheckpointManagerOptions(create=True))
+            max_to_keep=keep, create=True, multiprocessing_options=ocp.options.
+            MultiprocessingOptions(barrier_sync_key_prefix="rolling")))
+        self.stages = _manager(root / "stages", ocp.CheckpointManagerOptions(
+            create=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix="stages")))
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Rolling checkpoint number `step`, increasing (the oldest beyond `keep` are

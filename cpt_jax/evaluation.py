@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grain
-import numpy as np
 from flax import nnx
 from transformers import PreTrainedTokenizerBase
 
@@ -27,6 +26,7 @@ from cpt_jax.rl.sampler import (
     prepare_prompts,
     turn_stop_ids,
 )
+from cpt_jax.sharding import to_host
 
 
 @dataclass
@@ -48,15 +48,18 @@ def greedy_sampler(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase,
 def evaluate_task(model: Qwen2_5_VL, states: Sequence[nnx.State], source: grain.MapDataset, *,
                   task: str, tokenizer: PreTrainedTokenizerBase,
                   sample: Callable[..., Rollout], batch_size: int, options: EncodeOptions,
-                  keep_samples: int = 3) -> TaskAccuracy:
+                  keep_samples: int = 3, process_index: int = 0,
+                  process_count: int = 1) -> TaskAccuracy:
     """Accuracy over every example of `source`, answered by `sample` with the model `states`
-    (`model` gives the shapes only)."""
+    (`model` gives the shapes only). In a multi-host run every process calls it with its
+    index: each encodes its share of the prompts, and all get the same accuracy."""
     score = reward_fn(task, cot=options.cot)
     correct, count, samples = 0.0, 0, []
     for batch in eval_dataset(source, task=task, tokenizer=tokenizer, batch_size=batch_size,
-                              options=options):
+                              options=options, process_index=process_index,
+                              process_count=process_count):
         rollout = sample(states, prepare_prompts(model, batch))
-        texts = answer_texts(tokenizer, np.asarray(rollout.tokens), np.asarray(rollout.mask))
+        texts = answer_texts(tokenizer, to_host(rollout.tokens), to_host(rollout.mask))
         valid = [i for i, ok in enumerate(batch["valid"]) if ok]
         answers = [str(batch["answer"][i]) for i in valid]
         scores = score([texts[i] for i in valid], answers)

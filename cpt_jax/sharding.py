@@ -148,3 +148,13 @@ def batch_shardings(batch: dict, mesh: Mesh) -> dict:
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """A stacked step batch placed on the mesh by `batch_shardings`."""
     return jax.device_put(batch, batch_shardings(batch, mesh))
+
+
+def to_host(array: Any) -> np.ndarray:
+    """A device array's whole value as NumPy on this process. An array spread over other
+    processes' devices too (a multi-host run's rollout tokens) is gathered from them, a
+    collective: every process must call it for the same array."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(array)

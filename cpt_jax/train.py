@@ -129,6 +129,9 @@ class ContinualRun:
         self.config = config
         self.out = Path(config.output_dir)
         self.leader = jax.process_index() == 0
+        # Each process encodes its share of every batch (see cpt_jax.data.pipeline).
+        self.processes = {"process_index": jax.process_index(),
+                          "process_count": jax.process_count()}
         self.mesh = make_mesh(mesh_shape(config.mesh, jax.device_count()))
         self.stages = plan_stages(config)
         self.tasks = _unique([t for stage in self.stages for t in stage.tasks])
@@ -312,7 +315,7 @@ class ContinualRun:
             micro = config.sft.micro_batches
             batches = iter(sft_dataset(source, task=task, tokenizer=self.tokenizer,
                                        batch_size=config.sft.batch_size // micro, seed=seed,
-                                       options=self.options))
+                                       options=self.options, **self.processes))
 
             def step(state, batches, key):
                 stacked = stack_micro_batches([next(batches) for _ in range(micro)], self.model)
@@ -321,7 +324,7 @@ class ContinualRun:
             return batches, step
         batches = iter(rl_dataset(source, task=task, tokenizer=self.tokenizer,
                                   batch_size=config.grpo.prompts_per_step, seed=seed,
-                                  options=self.options))
+                                  options=self.options, **self.processes))
         program.score_fn = reward_fn(task, config.data.cot)
         program.reference = reference
 
@@ -390,7 +393,7 @@ class ContinualRun:
             tokenizer=self.tokenizer, score_fn=reward_fn(task, self.config.data.cot),
             sampling=sampling, batch_size=rif.batch_size, options=self.options,
             key=jax.random.fold_in(jax.random.key(self.config.seed + 1), stage.index),
-            stop_ids=turn_stop_ids(self.tokenizer))
+            stop_ids=turn_stop_ids(self.tokenizer), **self.processes)
         summary = counts.summary()
         self.log.write({"stage": stage.index, "task": task, "event": "rif", "step": 0,
                         "global_step": self.progress.global_step,
@@ -450,7 +453,7 @@ class ContinualRun:
                                           task=task, tokenizer=self.tokenizer,
                                           sample=self.sample,
                                           batch_size=self.config.eval.batch_size,
-                                          options=self.options).accuracy
+                                          options=self.options, **self.processes).accuracy
                       for task, source in self.eval_sources.items()}
         progress.matrix.append([accuracies[t] for t in self.tasks])
         for task in self.general:

@@ -10,7 +10,13 @@ import pytest
 from flax import nnx
 
 from cpt_jax.data import build
-from cpt_jax.data.pipeline import EncodeOptions, eval_dataset, rl_dataset, sft_dataset
+from cpt_jax.data.pipeline import (
+    EncodeOptions,
+    eval_dataset,
+    merge_shares,
+    rl_dataset,
+    sft_dataset,
+)
 from cpt_jax.data.processor import decode_image, preprocess_image
 from cpt_jax.data.sources import load_source
 from cpt_jax.data.synthetic import SYNTHETIC_MAX_PIXELS, SYNTHETIC_MIN_PIXELS
@@ -121,13 +127,23 @@ def test_iterator_state_resumes_exactly(data_dir, tokenizer):
             np.testing.assert_array_equal(got[key], want[key])
 
 
-def test_processes_get_disjoint_shares(data_dir, tokenizer):
-    seen = []
-    for index in range(2):
-        batches = _sft(data_dir, tokenizer, num_epochs=1, process_index=index, process_count=2)
-        seen.append(set(np.concatenate([b["instance_id"] for b in batches]).tolist()))
-    assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == set(range(24))
+def test_processes_encode_disjoint_shares_that_merge_into_the_one_process_batches(
+        data_dir, tokenizer):
+    """Two processes each encode every other example of each global batch; their shares
+    merged are the batches one process makes alone (the gather between them is a collective,
+    run by tests/test_distributed.py)."""
+    single = _sft(data_dir, tokenizer, num_epochs=1)
+    shares = [list(_sft(data_dir, tokenizer, num_epochs=1, process_index=i,
+                        process_count=2).shares) for i in range(2)]
+    expected = list(single)
+    assert len(shares[0]) == len(shares[1]) == len(expected) == 6
+    for want, share0, share1 in zip(expected, *shares, strict=True):
+        assert [e is None for e in share0] == [False, True, False, True]
+        assert [e is None for e in share1] == [True, False, True, False]
+        got = single.collate(merge_shares([share0, share1]))
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 def test_rl_prompts_are_left_padded_and_end_with_the_assistant_turn(data_dir, tokenizer):

@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
+from run_outputs import stage_params
 
 from cpt_jax import train
-from cpt_jax.checkpoint import Checkpoints, abstract
-from cpt_jax.config import load_run_config
+from cpt_jax.checkpoint import Checkpoints
 from cpt_jax.data import build
 from cpt_jax.export import export_stage
 from cpt_jax.metrics_log import read_metrics
@@ -43,18 +42,6 @@ def _overrides(data_dir: Path, out: Path, *extra: str) -> list[str]:
     return [f"output_dir={out}", f"data.data_dir={data_dir}", "data.synthetic=false",
             "eval.examples=8", "data.general_tasks=[syn_general_pope]",
             "stages=[{task: syn_choice, steps: 4}, {task: syn_texture, steps: 4}]", *extra]
-
-
-def _stage_params(out: Path, stage: int, config_path: Path) -> dict:
-    config = load_run_config(config_path)
-    params = nnx.state(train.build_model(config, abstract_only=True), nnx.Param)
-    checkpoints = Checkpoints(out)
-    try:
-        restored, _ = checkpoints.restore_stage(stage, abstract(params))
-    finally:
-        checkpoints.close()
-    return {"/".join(map(str, k)): np.asarray(v.get_value())
-            for k, v in nnx.to_flat_state(restored)}
 
 
 def test_continual_scores_by_hand():
@@ -105,7 +92,7 @@ def test_sft_run_writes_everything_and_exports(data_dir, tmp_path):
     exported = tmp_path / "hf"
     export_stage(out / "checkpoints/stages/2", exported)
     hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(exported)
-    params = _stage_params(out, 2, out / "config.yaml")
+    params = stage_params(out, 2, out / "config.yaml")
     embed = hf.model.language_model.embed_tokens.weight.detach().numpy()
     np.testing.assert_array_equal(embed, params["language_model/embed_tokens"])
     tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
@@ -167,8 +154,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
 
     assert (json.loads((cut / "results.json").read_text())
             == json.loads((whole / "results.json").read_text()))
-    a = _stage_params(cut, 2, cut / "config.yaml")
-    b = _stage_params(whole, 2, whole / "config.yaml")
+    a = stage_params(cut, 2, cut / "config.yaml")
+    b = stage_params(whole, 2, whole / "config.yaml")
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -9,14 +9,21 @@ Three kinds, one encoding path:
 
 Static shapes under `jit`: token rows are padded to the smallest of a few length buckets that
 holds the batch, and the packed image patches to the next power of two, so a stage compiles a
-handful of programs rather than one per batch. Datasets are deterministic by seed, sliced by
-process for multi-host runs, and their iterators checkpoint with `get_state`/`set_state`.
+handful of programs rather than one per batch. Datasets are deterministic by seed and their
+iterators checkpoint with `get_state`/`set_state`.
+
+Multi-host: every process walks the same global order of examples (reading records is cheap),
+encodes only its share of each batch (example i of a batch on process i % process_count: the
+image decoding and patching, the costly part), and the encoded shares are gathered so that
+every process holds the same global batch, which `shard_batch` then places on the mesh. The
+data order, and so a run's results, do not depend on the number of processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import pickle
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -60,10 +67,64 @@ def patch_bucket(patches: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, patches - 1).bit_length())
 
 
-def shard_for_process(dataset: grain.MapDataset, process_index: int,
-                      process_count: int) -> grain.MapDataset:
-    """This process's share of the examples (every `process_count`-th, from its index)."""
-    return dataset[process_index::process_count]
+def encode_share(examples: Sequence[Any], encode: Callable[[Any], Any], process_index: int,
+                 process_count: int) -> list[Any]:
+    """A global batch with this process's share encoded (positions i with i % process_count ==
+    process_index) and None in the other processes' places."""
+    return [encode(e) if i % process_count == process_index else None
+            for i, e in enumerate(examples)]
+
+
+def merge_shares(shares: Sequence[Sequence[Any]]) -> list[Any]:
+    """Every process's `encode_share` of one batch (in process order) -> the encoded batch."""
+    return [shares[i % len(shares)][i] for i in range(len(shares[0]))]
+
+
+def gather_from_processes(value: Any) -> list[Any]:
+    """`value` of every process, in process order (a collective: all processes call it)."""
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(pickle.dumps(value), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size]))).ravel()
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [pickle.loads(row[:size].tobytes()) for row, size in zip(gathered, sizes, strict=True)]
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalBatches:
+    """Iterable of collated global batches from per-process encoded shares (module docstring).
+
+    shares: this process's `encode_share` of each batch; its iterators' state is the
+    checkpointed data position, the same on every process."""
+
+    shares: grain.IterDataset
+    collate: Callable[[list[Any]], dict[str, np.ndarray]]
+    process_count: int = 1
+
+    def __iter__(self) -> GlobalBatchIterator:
+        return GlobalBatchIterator(self, iter(self.shares))
+
+
+@dataclasses.dataclass
+class GlobalBatchIterator(Iterator[dict[str, np.ndarray]]):
+    batches: GlobalBatches
+    shares: grain.DatasetIterator
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        share = next(self.shares)
+        shares = gather_from_processes(share) if self.batches.process_count > 1 else [share]
+        return self.batches.collate(merge_shares(shares))
+
+    def get_state(self) -> dict[str, Any]:
+        return self.shares.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.shares.set_state(state)
+
+    def close(self) -> None:
+        """Stops the prefetch threads (or worker processes) now."""
+        self.shares.close()
 
 
 def _images(example: dict[str, Any], options: EncodeOptions, task: str):
@@ -157,49 +218,59 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
                else tokenizer.eos_token_id)
 
 
+def _global_batches(examples: grain.MapDataset, encode: Callable[[Any], Any],
+                   collate_fn: Callable[[list[Any]], dict[str, np.ndarray]], *,
+                   batch_size: int, drop_remainder: bool, process_index: int,
+                   process_count: int) -> GlobalBatches:
+    shares = examples.batch(batch_size, drop_remainder=drop_remainder, batch_fn=list).map(
+        lambda batch: encode_share(batch, encode, process_index, process_count))
+    return GlobalBatches(shares.to_iter_dataset(READ_OPTIONS), collate_fn, process_count)
+
+
 def sft_dataset(source: grain.MapDataset, *, task: str, tokenizer: PreTrainedTokenizerBase,
                 batch_size: int, seed: int, options: EncodeOptions = EncodeOptions(),
                 num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
-                response_template: str = "{answer}") -> grain.IterDataset:
+                response_template: str = "{answer}") -> GlobalBatches:
     """Shuffled SFT batches (a new order each epoch); `num_epochs=None` repeats forever."""
-    dataset = shard_for_process(source, process_index, process_count)
-    dataset = dataset.shuffle(seed=seed).repeat(num_epochs)
-    dataset = dataset.map(lambda e: encode_sft(e, task=task, tokenizer=tokenizer,
-                                               options=options,
-                                               response_template=response_template))
     pad_id = _pad_id(tokenizer)
-    return dataset.batch(batch_size, drop_remainder=True, batch_fn=lambda es: collate(
-        es, options=options, pad_id=pad_id, left_pad=False)).to_iter_dataset(READ_OPTIONS)
+    return _global_batches(
+        source.shuffle(seed=seed).repeat(num_epochs),
+        lambda e: encode_sft(e, task=task, tokenizer=tokenizer, options=options,
+                             response_template=response_template),
+        lambda es: collate(es, options=options, pad_id=pad_id, left_pad=False),
+        batch_size=batch_size, drop_remainder=True, process_index=process_index,
+        process_count=process_count)
 
 
 def rl_dataset(source: grain.MapDataset, *, task: str, tokenizer: PreTrainedTokenizerBase,
                batch_size: int, seed: int, options: EncodeOptions = EncodeOptions(),
                num_epochs: int | None = None, process_index: int = 0,
-               process_count: int = 1) -> grain.IterDataset:
+               process_count: int = 1) -> GlobalBatches:
     """Shuffled batches of left-padded prompts with their answers, for rollouts."""
-    dataset = shard_for_process(source, process_index, process_count)
-    dataset = dataset.shuffle(seed=seed).repeat(num_epochs)
-    dataset = dataset.map(lambda e: encode_prompt_only(e, task=task, tokenizer=tokenizer,
-                                                       options=options))
     pad_id = _pad_id(tokenizer)
-    return dataset.batch(batch_size, drop_remainder=True, batch_fn=lambda es: collate(
-        es, options=options, pad_id=pad_id, left_pad=True)).to_iter_dataset(READ_OPTIONS)
+    return _global_batches(
+        source.shuffle(seed=seed).repeat(num_epochs),
+        lambda e: encode_prompt_only(e, task=task, tokenizer=tokenizer, options=options),
+        lambda es: collate(es, options=options, pad_id=pad_id, left_pad=True),
+        batch_size=batch_size, drop_remainder=True, process_index=process_index,
+        process_count=process_count)
 
 
 def eval_dataset(source: grain.MapDataset, *, task: str, tokenizer: PreTrainedTokenizerBase,
                  batch_size: int, options: EncodeOptions = EncodeOptions(),
-                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """Every example of this process's share once, in order, in full batches (`valid` marks
-    the real rows; the filler rows repeat the last example)."""
-    examples = shard_for_process(source, process_index, process_count)
-    size = len(examples)
+                 process_index: int = 0, process_count: int = 1) -> GlobalBatches:
+    """Every example once, in order, in full batches (`valid` marks the real rows; the filler
+    rows of the last batch repeat the last example)."""
+    size = len(source)
     if size == 0:
-        raise ValueError(f"{task}: no examples to evaluate for process {process_index}")
+        raise ValueError(f"{task}: no examples to evaluate")
     padded = -(-size // batch_size) * batch_size
-    dataset = grain.MapDataset.range(padded).map(
-        lambda i: (encode_prompt_only(examples[min(i, size - 1)], task=task,
-                                      tokenizer=tokenizer, options=options), i < size))
     pad_id = _pad_id(tokenizer)
-    return dataset.batch(batch_size, batch_fn=lambda pairs: collate(
-        [p[0] for p in pairs], options=options, pad_id=pad_id, left_pad=True,
-        valid=[p[1] for p in pairs])).to_iter_dataset(READ_OPTIONS)
+    return _global_batches(
+        grain.MapDataset.range(padded),
+        lambda i: (encode_prompt_only(source[min(i, size - 1)], task=task, tokenizer=tokenizer,
+                                      options=options), i < size),
+        lambda pairs: collate([p[0] for p in pairs], options=options, pad_id=pad_id,
+                              left_pad=True, valid=[p[1] for p in pairs]),
+        batch_size=batch_size, drop_remainder=False, process_index=process_index,
+        process_count=process_count)

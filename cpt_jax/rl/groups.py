@@ -20,6 +20,7 @@ from cpt_jax.data.pipeline import patch_bucket
 from cpt_jax.data.tasks import ScoreFn
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, VisionInputs
 from cpt_jax.rl.sampler import Rollout
+from cpt_jax.sharding import to_host
 
 
 @dataclass
@@ -65,8 +66,8 @@ def split_into_groups(batch: dict[str, np.ndarray], rollout: Rollout, *,
                       tokenizer: PreTrainedTokenizerBase, score_fn: ScoreFn,
                       group_size: int, task: str = "") -> list[Group]:
     """A pipeline prompt batch and its rollout -> one scored `Group` per valid prompt row."""
-    tokens, mask, logprobs = (np.asarray(x) for x in (rollout.tokens, rollout.mask,
-                                                       rollout.logprobs))
+    tokens, mask, logprobs = (to_host(x) for x in (rollout.tokens, rollout.mask,
+                                                    rollout.logprobs))
     texts = answer_texts(tokenizer, tokens, mask)
     per_image = batch["image_grid_thw"].prod(axis=-1) if len(batch["image_grid_thw"]) else []
     image_starts = np.concatenate([[0], np.cumsum(batch["image_counts"])])

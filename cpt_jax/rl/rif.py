@@ -83,8 +83,9 @@ def count_passes(model: Qwen2_5_VL, states: Sequence[nnx.State], source: grain.M
                  sampling: SamplingConfig, batch_size: int, options: EncodeOptions,
                  key: jax.Array, stop_ids: Sequence[int], process_index: int = 0,
                  process_count: int = 1) -> PassCounts:
-    """Samples `sampling.group_size` answers for every instance of `source` (this process's
-    share) and counts the correct ones (accuracy score 1)."""
+    """Samples `sampling.group_size` answers for every instance of `source` and counts the
+    correct ones (accuracy score 1). In a multi-host run every process calls it with its index
+    (each encodes its share of the prompts) and gets every instance's count."""
     pad = model.config.pad_token_id
     sample = make_sampler(model, sampling, stop_ids=stop_ids, pad_id=pad if pad is not None else 0)
     counts: dict[int, int] = {}
