@@ -74,6 +74,7 @@ class DataConfig:
     min_patches: int = 64
     cot: bool = True
     general_tasks: list[str] = field(default_factory=list)
+    train_examples: int | None = None  # the first rows of each train split (None: all)
 
 
 @dataclass
@@ -109,10 +110,13 @@ class RIFConfig:
 
 @dataclass
 class SFTConfig:
-    """The paper's SFT: lr 1e-5, cosine, warm-up 0.1."""
+    """The paper's SFT: lr 1e-5, cosine, warm-up 0.1, on the bare answer. `response_template`
+    formats the target from the answer (`{answer}`): "\\boxed{{{answer}}}" trains the boxed
+    form the chain-of-thought reward reads."""
 
     batch_size: int = 8
     micro_batches: int = 1
+    response_template: str = "{answer}"
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         learning_rate=1e-5, schedule="cosine", warmup_ratio=0.1))
 
@@ -278,6 +282,15 @@ def check(config: RunConfig, *, device_count: int | None = None) -> None:
         _choice(optim.schedule, ("cosine", "constant"), f"{key}.schedule")
         if optim.learning_rate <= 0:
             raise ConfigError(f"{key}.learning_rate must be > 0, got {optim.learning_rate}")
+    try:
+        target = config.sft.response_template.format(answer="\0")
+    except (KeyError, IndexError, ValueError) as error:
+        raise ConfigError(f"sft.response_template: {config.sft.response_template!r} does not "
+                          f"format with only {{answer}} ({error!r}); write braces as {{{{ }}}}"
+                          ) from None
+    if "\0" not in target:
+        raise ConfigError(f"sft.response_template: {config.sft.response_template!r} has no "
+                          f"{{answer}}")
     if config.model.path is None and config.model.preset is None:
         raise ConfigError("model: set model.path (a Hugging Face folder) or model.preset")
     if not config.stages:
@@ -314,6 +327,9 @@ def check(config: RunConfig, *, device_count: int | None = None) -> None:
                        ("sft.batch_size", config.sft.batch_size)):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if config.data.train_examples is not None and config.data.train_examples < 1:
+        raise ConfigError(f"data.train_examples must be >= 1 (or null for all), got "
+                          f"{config.data.train_examples}")
     if config.eval.examples is not None and config.eval.examples < 1:
         raise ConfigError(f"eval.examples must be >= 1 (or null for all), got "
                           f"{config.eval.examples}")

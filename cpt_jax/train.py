@@ -136,21 +136,17 @@ class ContinualRun:
         self.stages = plan_stages(config)
         self.tasks = _unique([t for stage in self.stages for t in stage.tasks])
         self.general = [t for t in _unique(config.data.general_tasks) if t not in self.tasks]
-        self.options = EncodeOptions(
-            length_buckets=tuple(config.data.length_buckets), min_pixels=config.data.min_pixels,
-            max_pixels=config.data.max_pixels, cot=config.data.cot,
-            min_patches=config.data.min_patches)
+        self.options = encode_options(config)
         checkpoints = self.out / "checkpoints"
         if not resume and checkpoints.exists() and any(checkpoints.iterdir()):
             raise CheckpointError(f"{checkpoints} holds a run already: pass --resume to "
                                   f"continue it, or set output_dir=<another folder>")
         self.data_dir = Path(config.data.data_dir)
         self._prepare_synthetic()
-        self.train_sources = {t: load_source(t, "train", data_dir=self.data_dir)
-                              for t in self.tasks}
-        limit = config.eval.examples
-        self.eval_sources = {t: _head(load_source(t, "test", data_dir=self.data_dir), limit)
-                             for t in self.tasks + self.general}
+        self.train_sources = {t: _head(load_source(t, "train", data_dir=self.data_dir),
+                                       config.data.train_examples) for t in self.tasks}
+        self.eval_sources = {t: _head(load_source(t, "test", data_dir=self.data_dir),
+                                      config.eval.examples) for t in self.tasks + self.general}
         self.tokenizer = self._tokenizer()
         self.model = build_model(config)
         graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
@@ -315,7 +311,9 @@ class ContinualRun:
             micro = config.sft.micro_batches
             batches = iter(sft_dataset(source, task=task, tokenizer=self.tokenizer,
                                        batch_size=config.sft.batch_size // micro, seed=seed,
-                                       options=self.options, **self.processes))
+                                       options=self.options,
+                                       response_template=config.sft.response_template,
+                                       **self.processes))
 
             def step(state, batches, key):
                 stacked = stack_micro_batches([next(batches) for _ in range(micro)], self.model)
@@ -480,6 +478,13 @@ class ContinualRun:
                        stages=[{"tasks": list(s.tasks), "algorithm": s.algorithm}
                                for s in self.stages],
                        complete=complete)
+
+
+def encode_options(config: RunConfig) -> EncodeOptions:
+    """How the run's examples become tokens and patches (its `data` section)."""
+    data = config.data
+    return EncodeOptions(length_buckets=tuple(data.length_buckets), min_pixels=data.min_pixels,
+                         max_pixels=data.max_pixels, cot=data.cot, min_patches=data.min_patches)
 
 
 def build_model(config: RunConfig, *, abstract_only: bool = False) -> Qwen2_5_VL:

@@ -65,6 +65,9 @@ def test_file_and_overrides_are_typed(path):
     ("data.general_tasks=[nope]", "data.general_tasks: unknown task 'nope'"),
     ("stages.1.learning_rate=0", "stages[1].learning_rate must be > 0, got 0.0"),
     ("stages.1.learning_rate=fast", "stages[1].learning_rate: Value 'fast'"),
+    ("sft.response_template=plain", "sft.response_template: 'plain' has no {answer}"),
+    ("sft.response_template=boxed{answer", "sft.response_template: 'boxed{answer' does not "
+                                           "format with only {answer}"),
     ("nokey", "not of the form key=value"),
 ])
 def test_bad_overrides_name_the_key(path, override, message):

@@ -273,8 +273,7 @@ def test_benchmark_layout(tmp_path):
     paths = write_benchmark(tmp_path, train=3, test=2)
     assert set(paths) == set(TASKS)
     for task in TASKS:
-        splits = {"test"} if task in SYNTHETIC_GENERAL else {"train", "test"}
-        assert {p.stem for p in (tmp_path / task).iterdir()} == splits
+        assert {p.stem for p in (tmp_path / task).iterdir()} == {"train", "test"}
         assert pq.read_metadata(tmp_path / task / "test.parquet").num_rows == 2
 
 
@@ -290,7 +289,7 @@ def test_command_line(tmp_path):
     command += ["--train", "4", "--test", "2"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    expected = 2 * len(SYNTHETIC_STAGES) + len(SYNTHETIC_GENERAL) + 2 * len(SYNTHETIC_PRETRAIN)
+    expected = 2 * len(TASKS)
     assert result.stdout.count("rows") == expected
 
 

@@ -465,12 +465,13 @@ def write_parquet(task: str, split: str, num: int, seed: int, out_dir: str | Pat
 def write_benchmark(
     out_dir: str | Path, *, train: int = 2000, test: int = 200, seed: int = 0
 ) -> dict[str, dict[str, Path]]:
-    """Every stage and pre-training task's train and test split, and the general tasks' test
-    split."""
+    """Every task's train and test split. No stage trains on a general task; its train split
+    is for a base model (the mini paper experiment's base mixture), as a real base model knows
+    general tasks before any stage."""
     paths: dict[str, dict[str, Path]] = {}
     for task in SYNTHETIC_STAGES + SYNTHETIC_GENERAL + SYNTHETIC_PRETRAIN:
-        sizes = {"test": test} if task in SYNTHETIC_GENERAL else {"train": train, "test": test}
-        paths[task] = {s: write_parquet(task, s, n, seed, out_dir) for s, n in sizes.items()}
+        paths[task] = {s: write_parquet(task, s, n, seed, out_dir)
+                       for s, n in (("train", train), ("test", test))}
     return paths
 
 

@@ -241,7 +241,7 @@ def question_lookup(data_dir: Path, task: str, examples: int) -> float | None:
     by_problem: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     try:
         train_rows = load_source(task, "train", data_dir=data_dir)
-    except SourceNotBuiltError:  # held-out tasks have no training split
+    except SourceNotBuiltError:  # a data dir built before general tasks had train splits
         return None
     for row in train_rows:
         by_problem[row["problem"]][_norm(row["answer"])] += 1
