@@ -80,14 +80,17 @@ class Scale:
     eval_batch: int
     base_steps: int
     caption_warmup: int
+    stages: int = len(SYNTHETIC_STAGES)  # the first this many of the paper's seven
     base_lr: float = 1e-3
     vision_lr_scale: float = 0.1
     batch_size: int = 8
 
     def overrides(self) -> list[str]:
         """What the runs' configs need changed at this scale."""
+        stages = ", ".join(f"{{task: {task}}}" for task in SYNTHETIC_STAGES[:self.stages])
         return [f"model.preset={self.preset}", f"data.train_examples={self.run_rows}",
-                f"eval.examples={self.test_rows}", f"eval.batch_size={self.eval_batch}"]
+                f"eval.examples={self.test_rows}", f"eval.batch_size={self.eval_batch}",
+                f"stages=[{stages}]"]
 
 
 # The `mini` preset: `small` does not learn to read the synthetic images from scratch in a CPU
@@ -95,7 +98,7 @@ class Scale:
 FULL = Scale(preset="mini", train_rows=1024, run_rows=96, test_rows=64, eval_batch=32,
              base_steps=1500, caption_warmup=300)
 QUICK = Scale(preset="tiny", train_rows=40, run_rows=16, test_rows=8, eval_batch=8,
-              base_steps=8, caption_warmup=2)
+              base_steps=8, caption_warmup=2, stages=3)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -256,6 +256,7 @@ def write_report(out: Path, run_names: Sequence[str], *, command: str, commit: s
         + matrix_table([runs[name] for name in m["runs"]])
         for method, m in methods.items())
     variant = "quick (CI-sized) variant" if quick else "full experiment"
+    stages = max(len(run["results"]["stages"]) for run in runs.values())
     text = f"""# The paper's experiment at CPU scale ({variant})
 
 - Command: `{command}` (commit `{commit}`), {datetime.date.today().isoformat()}, on
@@ -268,7 +269,7 @@ def write_report(out: Path, run_names: Sequence[str], *, command: str, commit: s
   x{training['vision_lr_scale']:g}), every target in the form
   `{training['response_template'].format(answer='ANSWER')}`;
   {training['seconds'] / 60:.1f} min.
-- Runs: `configs/mini_paper/<run>.yaml` from the base, seven stages in the paper's order
+- Runs: `configs/mini_paper/<run>.yaml` from the base, {stages} stages in the paper's order
   (one epoch each over the stage's first training rows; multi-task: one stage over all of
   them). Accuracy: greedy decoding, the chain-of-thought reward's accuracy (the boxed answer
   graded by mathruler; no-CoT run: its own prompt and accuracy), on each task's first test rows.

@@ -1,0 +1,74 @@
+"""The mini paper experiment's quick variant end to end: the data, a base model, the six run
+kinds through `python -m cpt_jax.train`, and a report whose numbers are those of the runs'
+results.json files; run again, it resumes instead of starting over."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from cpt_jax.experiments import mini_paper
+from cpt_jax.experiments.mini_paper_report import LABELS
+
+
+def _cells(readme: str, label: str) -> list[str]:
+    """The main table's row for `label`, as its cells."""
+    section = readme.split("## Main table", 1)[1].split("##", 1)[0]
+    for line in section.splitlines():
+        if line.startswith(f"| {label} |"):
+            return [cell.strip() for cell in line.strip("|").split("|")]
+    raise AssertionError(f"no main-table row for {label!r}")
+
+
+def _percent(values: list[float]) -> str:
+    mean = 100 * statistics.fmean(values)
+    return f"{mean:.1f}" if len(values) == 1 else (
+        f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}")
+
+
+@pytest.mark.slow
+def test_quick_variant_runs_everything_and_reports_the_runs_numbers(tmp_path):
+    out, work = tmp_path / "report", tmp_path / "work"
+    args = ["--quick", "--out", str(out), "--work", str(work), "--jobs", "2"]
+    assert mini_paper.main(args) == 0
+    readme = (out / "README.md").read_text()
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == sorted(f"{m}_seed0" for m in mini_paper.RUNS)
+    for name in runs:
+        method = name.rsplit("_seed", 1)[0]
+        results = json.loads((out / "runs" / name / "results.json").read_text())
+        assert results["complete"]
+        assert len(results["matrix"]) == (2 if method == "multitask" else 4)  # 3 stages
+        cells = _cells(readme, LABELS[method])
+        assert cells[1] == "1"  # seeds
+        assert cells[2] == _percent([results["avg_acc"]])
+        assert cells[3] == ("-" if results["fm"] is None else _percent([results["fm"]]))
+        assert cells[4] == ("-" if results["bwt"] is None else _percent([results["bwt"]]))
+        general = [statistics.fmean(row) for row in zip(*results["general"].values(),
+                                                        strict=True)]
+        assert cells[5] == f"{_percent([general[0]])} -> {_percent([general[-1]])}"
+        timing = json.loads((out / "runs" / name / "timing.json").read_text())
+        assert cells[6] == f"{timing['seconds'] / 60:.1f}"
+        # Finished runs keep their results and logs, not their checkpoints.
+        assert not (work / "runs" / name / "checkpoints").exists()
+    base = json.loads((out / "base.json").read_text())
+    assert set(base["tasks"]) == set(mini_paper.BASE_TASKS)
+    base_section = readme.split("## Base model", 1)[1].split("##", 1)[0]
+    for task, row in base["tasks"].items():
+        line = next(x for x in base_section.splitlines() if x.startswith(f"| {task} |"))
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[3:] == [f"{100 * row[k]:.1f}" for k in ("greedy", "pass@1", "pass@8")] + [
+            str(row["n"])], task
+        assert row["pass@1"] <= row["pass@8"]
+    assert (out / "summary.png").stat().st_size > 0 and (out / "general.png").stat().st_size > 0
+    assert "commit `" in readme and "--quick" in readme
+
+    # Again, with one run's results gone: only that run is made again.
+    timings = {n: (work / "runs" / n / "timing.json").read_text() for n in runs}
+    (work / "runs" / "multitask_seed0" / "results.json").unlink()
+    assert mini_paper.main(args) == 0
+    for name in runs:
+        again = (work / "runs" / name / "timing.json").read_text()
+        assert (again == timings[name]) == (name != "multitask_seed0"), name
