@@ -329,7 +329,7 @@ def collect(specs: Sequence[RunSpec], work: Path, out: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     scale = QUICK if args.quick else FULL
-    started = time.perf_counter()
+    started, commit = time.perf_counter(), learnability.git_commit()  # the code that runs
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     common = load_run_config(CONFIGS / "common.yaml", scale.overrides())
@@ -351,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(["python -m cpt_jax.experiments.mini_paper",
                         *(argv if argv is not None else sys.argv[1:])])
     write_report(args.out, [s.name for s in specs], command=command,
-                 commit=learnability.git_commit(), quick=args.quick,
+                 commit=commit, quick=args.quick,
                  seconds=time.perf_counter() - started)
     print(f"wrote {args.out / 'README.md'} in {time.perf_counter() - started:.0f} s", flush=True)
     return 0
