@@ -116,7 +116,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS),
                         help="which runs (default: all)")
     args = parser.parse_args(argv)
-    args.seeds = args.seeds or (1 if args.quick else 3)
+    if args.seeds is None:
+        args.seeds = 1 if args.quick else 3
     args.work = args.work or Path("outputs/mini_paper_quick" if args.quick
                                   else "outputs/mini_paper")
     if args.jobs < 1 or args.seeds < 1:
