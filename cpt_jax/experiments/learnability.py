@@ -340,8 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          vision_lr_scale=args.vision_lr_scale, warmup_ratio=WARMUP_RATIO,
                          blank=blank)
 
+        # Held-out tasks are never trained on here: no text-only predictor learns them.
         lookups = {task: question_lookup(data_dir, task, args.eval_examples)
-                   for task in EVAL_TASKS}
+                   if get_task(task).role == "stage" else None for task in EVAL_TASKS}
         print(f"training {args.steps} steps:", flush=True)
         model, losses, per_step = recipe(model, blank=False)
         if args.save is not None:
