@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from cpt_jax.config import RunConfig, load_run_config
 from cpt_jax.data import build
@@ -54,7 +54,7 @@ from cpt_jax.data.tokenizer import task_tokenizer
 from cpt_jax.evaluation import evaluate_task, greedy_sampler
 from cpt_jax.experiments import learnability
 from cpt_jax.experiments.mini_paper_report import write_report
-from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset, save_pretrained
+from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, from_pretrained, preset, save_pretrained
 from cpt_jax.rl.rif import count_passes
 from cpt_jax.rl.sampler import SamplingConfig, turn_stop_ids
 from cpt_jax.train import encode_options
@@ -197,10 +197,6 @@ def train_base(work: Path, config: RunConfig, scale: Scale, *, seed: int = 0) ->
 def evaluate_base(work: Path, config: RunConfig, scale: Scale) -> dict[str, Any]:
     """Greedy accuracy, pass@1 and pass@8 (8 answers at temperature 1) per task on the test
     rows the runs evaluate, with the chain-of-thought prompt and reward."""
-    from transformers import AutoTokenizer
-
-    from cpt_jax.models.qwen2_5_vl import from_pretrained
-
     model = from_pretrained(work / "base", dtype=jnp.float32, param_dtype=jnp.float32)
     tokenizer = AutoTokenizer.from_pretrained(work / "base")
     states = nnx.split(model, nnx.Param, ...)[1:]

@@ -122,11 +122,17 @@ def matrix_table(runs: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def general_table(runs: dict[str, dict[str, Any]]) -> str:
-    """Mean general-task accuracy after each stage, mean over each method's seeds."""
+def general_curves(runs: dict[str, dict[str, Any]]) -> dict[str, list[list[float]]]:
+    """Each method's `general_curve`s, one per seed."""
     by_method: dict[str, list[list[float]]] = {}
     for name, run in runs.items():
         by_method.setdefault(method_of(name), []).append(general_curve(run["results"]))
+    return by_method
+
+
+def general_table(runs: dict[str, dict[str, Any]]) -> str:
+    """Mean general-task accuracy after each stage, mean over each method's seeds."""
+    by_method = general_curves(runs)
     width = max(len(c[0]) for c in by_method.values())
     lines = ["| run | base | " + " | ".join(f"after {i}" for i in range(1, width)) + " |",
              "|---|" + "---|" * width]
@@ -224,10 +230,7 @@ def plot_summary(methods: dict[str, dict[str, Any]], path: Path) -> None:
 
 def plot_general(runs: dict[str, dict[str, Any]], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6.5, 3.6))
-    by_method: dict[str, list[list[float]]] = {}
-    for name, run in runs.items():
-        by_method.setdefault(method_of(name), []).append(general_curve(run["results"]))
-    for method, curves in by_method.items():
+    for method, curves in general_curves(runs).items():
         mean = [100 * statistics.fmean(c[i] for c in curves) for i in range(len(curves[0]))]
         axis.plot(range(len(mean)), mean, marker="o", label=LABELS.get(method, method))
     axis.set_xlabel("after stage (0 = base)")
