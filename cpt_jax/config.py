@@ -34,6 +34,9 @@ DTYPES = ("float32", "bfloat16")
 _ABSENT = object()
 
 
+PATCH_PIXELS = 14 * 14  # one vision patch of every Qwen2.5-VL size
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key (and file)."""
 
@@ -52,7 +55,11 @@ class OptimConfig:
 
 @dataclass
 class ModelConfig:
-    """`path` (a Hugging Face folder) wins over `preset` (random weights, for CPU runs)."""
+    """`path` (a Hugging Face folder) wins over `preset` (random weights, for CPU runs).
+    `scan_layers` false unrolls the layer loops (faster CPU steps, longer compiles).
+    `max_frame_patches` bounds the patches of one image (`Qwen2_5_VL`): null attends over
+    all packed patches in the vision tower's full-attention blocks; at least
+    data.max_pixels / 196 lets them skip the other images."""
 
     preset: str | None = "tiny"
     path: str | None = None
@@ -60,6 +67,8 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    scan_layers: bool = True
+    max_frame_patches: int | None = None
 
 
 @dataclass
@@ -291,6 +300,11 @@ def check(config: RunConfig, *, device_count: int | None = None) -> None:
     if "\0" not in target:
         raise ConfigError(f"sft.response_template: {config.sft.response_template!r} has no "
                           f"{{answer}}")
+    frame_patches = config.model.max_frame_patches
+    if frame_patches is not None and frame_patches < config.data.max_pixels // PATCH_PIXELS:
+        raise ConfigError(f"model.max_frame_patches: {frame_patches} is below the "
+                          f"{config.data.max_pixels // PATCH_PIXELS} patches of an image at "
+                          f"data.max_pixels ({config.data.max_pixels} / {PATCH_PIXELS})")
     if config.model.path is None and config.model.preset is None:
         raise ConfigError("model: set model.path (a Hugging Face folder) or model.preset")
     if not config.stages:

@@ -24,6 +24,7 @@ import optax
 from flax import nnx, struct
 
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, VisionInputs
+from cpt_jax.models.qwen2_5_vl.layers import map_in_chunks
 from cpt_jax.optim import current_learning_rate
 from cpt_jax.sharding import constrain_state
 
@@ -88,21 +89,13 @@ def per_position(model: Qwen2_5_VL, hidden: jax.Array, targets: jax.Array,
     the sequence, `chunk` positions at a time, each chunk's logits recomputed in the backward
     pass: a 7,168-token row of Qwen's 152k vocabulary would otherwise hold several float32
     [s, vocab] copies (4.4 GB each) through the loss and its gradient."""
-    length, chunk = hidden.shape[1], chunk or LOGIT_CHUNK
-    if length <= chunk:
-        return fn(model.logits(hidden), targets)
-    chunks = -(-length // chunk)
-    pad = chunks * chunk - length
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], chunks, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
+    def position_major(rows: jax.Array, row_targets: jax.Array) -> tuple[jax.Array, ...]:
+        outs = fn(model.logits(jnp.moveaxis(rows, 0, 1)), jnp.moveaxis(row_targets, 0, 1))
+        return tuple(jnp.moveaxis(o, 1, 0) for o in outs)
 
-    @jax.checkpoint
-    def one(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
-        return fn(model.logits(args[0]), args[1])
-
-    outs = jax.lax.map(one, (split(hidden), split(targets)))
-    return tuple(jnp.moveaxis(o, 0, 1).reshape(o.shape[1], -1)[:, :length] for o in outs)
+    outs = map_in_chunks(position_major, (jnp.moveaxis(hidden, 1, 0), targets.T),
+                         chunk or LOGIT_CHUNK)
+    return tuple(o.T for o in outs)
 
 
 def target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:

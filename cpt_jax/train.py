@@ -491,18 +491,16 @@ def build_model(config: RunConfig, *, abstract_only: bool = False) -> Qwen2_5_VL
     """The configured model: a Hugging Face folder's weights, or a preset's random ones
     (seeded by `seed`); `abstract_only` gives shapes without values (a restore target)."""
     model = config.model
-    dtype, param_dtype = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
+    options = dict(dtype=jnp.dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype),
+                   remat=model.remat, scan_layers=model.scan_layers,
+                   max_frame_patches=model.max_frame_patches)
     if model.path is not None:
         if abstract_only:
-            return nnx.eval_shape(lambda: from_pretrained(model.path, dtype=dtype,
-                                                          param_dtype=param_dtype,
-                                                          remat=model.remat))
-        return from_pretrained(model.path, dtype=dtype, param_dtype=param_dtype,
-                               remat=model.remat)
+            return nnx.eval_shape(lambda: from_pretrained(model.path, **options))
+        return from_pretrained(model.path, **options)
 
     def create() -> Qwen2_5_VL:
-        return Qwen2_5_VL(preset(model.preset), dtype=dtype, param_dtype=param_dtype,
-                          remat=model.remat, rngs=nnx.Rngs(config.seed))
+        return Qwen2_5_VL(preset(model.preset), **options, rngs=nnx.Rngs(config.seed))
     return nnx.eval_shape(create) if abstract_only else create()
 
 

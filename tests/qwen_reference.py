@@ -154,6 +154,31 @@ def multimodal_batch(seed: int = 0) -> Batch:
                  video_grid_thw=np.asarray(video_grids, np.int64))
 
 
+def many_images_batch(seed: int = 2) -> Batch:
+    """Six small images and a two-frame video over three rows: many frames, none over 64
+    patches, so that attention bounded to a frame's neighbourhood differs from attention over
+    all packed patches."""
+    rng = np.random.default_rng(seed)
+    image_grids = [(1, 8, 8), (1, 4, 6), (1, 6, 4), (1, 8, 8), (1, 2, 4), (1, 6, 10)]
+    video_grids = [(2, 4, 6)]
+    rows = [
+        _text(rng, 2) + _vision_tokens(IMAGE, image_grids[0]) + _text(rng, 3)
+        + _vision_tokens(IMAGE, image_grids[1]) + _vision_tokens(IMAGE, image_grids[2]),
+        _text(rng, 4) + _vision_tokens(VIDEO, video_grids[0]) + _text(rng, 2)
+        + _vision_tokens(IMAGE, image_grids[3]) + _text(rng, 5),
+        _vision_tokens(IMAGE, image_grids[4]) + _text(rng, 6)
+        + _vision_tokens(IMAGE, image_grids[5]) + _text(rng, 3),
+    ]
+    ids, mask = pad_left(rows)
+    n_image = sum(t * h * w for t, h, w in image_grids)
+    n_video = sum(t * h * w for t, h, w in video_grids)
+    return Batch(ids, mask,
+                 pixel_values=rng.standard_normal((n_image, PATCH_DIM)).astype(np.float32),
+                 image_grid_thw=np.asarray(image_grids, np.int64),
+                 pixel_values_videos=rng.standard_normal((n_video, PATCH_DIM)).astype(np.float32),
+                 video_grid_thw=np.asarray(video_grids, np.int64))
+
+
 def text_batch(seed: int = 1) -> Batch:
     rng = np.random.default_rng(seed)
     ids, mask = pad_left([_text(rng, 9), _text(rng, 5), _text(rng, 7)])

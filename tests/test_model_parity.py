@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from qwen_reference import hf_logits, hf_positions, multimodal_batch, text_batch
+import pytest
+from qwen_reference import hf_logits, hf_positions, many_images_batch, multimodal_batch, text_batch
+
+from cpt_jax.models.qwen2_5_vl import from_pretrained
 
 TOLERANCE = 1e-4
 
@@ -24,6 +27,45 @@ def test_multimodal_logits_match(pair):
     print(f"{variant.name}: multimodal max |logit diff| = {diff:.2e} "
           f"(logit std {expected[batch.attention_mask.astype(bool)].std():.2f})")
     assert diff <= TOLERANCE
+
+
+def test_frame_bounded_vision_matches_transformers(pair, tmp_path):
+    """With `max_frame_patches` the full-attention blocks attend over neighbouring chunks of
+    the packed patches (seven frames of 8-60 patches, 344 in all, bound 64) instead of all of
+    them; the logits still equal transformers', which attends image by image."""
+    variant, reference, _ = pair
+    reference.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, max_frame_patches=64)
+    batch = many_images_batch()
+    expected = hf_logits(reference, batch)
+    got = np.asarray(model(batch.input_ids, **batch.ours()))
+    diff = _max_diff_on_real_tokens(expected, got, batch.attention_mask)
+    print(f"{variant.name}: frame-bounded max |logit diff| = {diff:.2e}")
+    assert diff <= TOLERANCE
+    with pytest.raises(ValueError, match=r"image grid \[1, 8, 8\] has 64 patches per frame, "
+                                         r"more than the model's max_frame_patches \(60\)"):
+        from_pretrained(tmp_path, max_frame_patches=60).prepare_inputs(
+            batch.input_ids, **batch.ours())
+
+
+def test_unrolled_layers_match_transformers_and_the_scan(pair, tmp_path):
+    """`scan_layers=False` (a Python loop over the stacked layers): the same logits as
+    transformers, and the same prefill and cached decode step as the scanned model."""
+    variant, reference, scanned = pair
+    reference.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, scan_layers=False)
+    batch = multimodal_batch()
+    expected = hf_logits(reference, batch)
+    got = np.asarray(model(batch.input_ids, **batch.ours()))
+    assert _max_diff_on_real_tokens(expected, got, batch.attention_mask) <= TOLERANCE
+    steps = []
+    for m in (scanned, model):
+        logits, cache = m.prefill(batch.input_ids, max_len=batch.input_ids.shape[1] + 2,
+                                  **batch.ours())
+        token = np.asarray(logits[:, -1].argmax(-1))[:, None]
+        steps.append((np.asarray(logits), np.asarray(m.decode(token, cache)[0])))
+    for want, have in zip(steps[0], steps[1], strict=True):
+        np.testing.assert_allclose(have, want, atol=TOLERANCE)
 
 
 def test_text_only_logits_match(pair):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cpt_jax.models.qwen2_5_vl.layers import chunked_attention, dot_product_attention
-from cpt_jax.models.qwen2_5_vl.vision import segment_attention
+from cpt_jax.models.qwen2_5_vl.vision import local_segment_attention, segment_attention
 
 
 def _dense(q, k, v, ids):
@@ -30,6 +30,31 @@ def test_chunked_segment_attention_equals_dense_values_and_gradients(query_chunk
     chunked = lambda q, k, v, ids: segment_attention(q, k, v, ids, query_chunk)  # noqa: E731
     np.testing.assert_allclose(chunked(q, k, v, ids), _dense(q, k, v, ids), atol=1e-5)
     grads = jax.grad(lambda *a: loss(chunked, *a), argnums=(0, 1, 2))(q, k, v)
+    expected = jax.grad(lambda *a: loss(_dense, *a), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize(("chunk", "reach", "query_chunk"),
+                         [(16, 1, 1024), (32, 2, 1024), (21, 3, 1024), (32, 2, 40)])
+def test_local_segment_attention_equals_dense_values_and_gradients(chunk, reach, query_chunk):
+    """Segments of at most reach * chunk + 1 tokens (the bound of the neighbourhood), unequal
+    and unaligned with the chunks; the last case also takes the query chunks in groups."""
+    keys = jax.random.split(jax.random.key(2), 4)
+    sizes = [reach * chunk + 1, 5, reach * chunk - 3, 1, 17]
+    n, heads, head_dim = sum(sizes), 2, 8
+    q, k, v = (jax.random.normal(key, (n, heads, head_dim)) for key in keys[:3])
+    cotangent = jax.random.normal(keys[3], (n, heads, head_dim))
+    ids = jnp.asarray(np.repeat(np.arange(len(sizes)), sizes), jnp.int32)
+
+    def local(q, k, v, ids):
+        return local_segment_attention(q, k, v, ids, chunk, reach, query_chunk)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v, ids) * cotangent)
+
+    np.testing.assert_allclose(local(q, k, v, ids), _dense(q, k, v, ids), atol=1e-5)
+    grads = jax.grad(lambda *a: loss(local, *a), argnums=(0, 1, 2))(q, k, v)
     expected = jax.grad(lambda *a: loss(_dense, *a), argnums=(0, 1, 2))(q, k, v)
     for got, want in zip(grads, expected, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)

@@ -67,11 +67,22 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
-        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
+        y = matmul_flat(x.astype(self.dtype), kernel, self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+def matmul_flat(x: jax.Array, kernel: jax.Array, n_in: int = 1,
+                **dot_kwargs: Any) -> jax.Array:
+    """x [..., *in] times kernel [*in, *out] -> [..., *out], with x's leading axes flattened
+    into one: XLA's CPU backend computes the kernel's gradient (a contraction over every
+    leading axis) about twice as fast over one axis as over batch and sequence apart."""
+    lead, n_lead = x.shape[:x.ndim - n_in], x.ndim - n_in
+    flat = x.reshape(-1, *x.shape[n_lead:])
+    contract = (tuple(range(1, n_in + 1)), tuple(range(n_in)))
+    y = jax.lax.dot_general(flat, kernel, (contract, ((), ())), **dot_kwargs)
+    return y.reshape(*lead, *y.shape[1:])
 
 
 class SwiGLU(nnx.Module):
@@ -106,9 +117,13 @@ def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], count: int,
 
 
 def scan_layers(layers: nnx.Module, step: Callable[..., tuple[jax.Array, Any]], carry: jax.Array,
-                per_layer: Any = None, *, remat: bool) -> tuple[jax.Array, Any]:
+                per_layer: Any = None, *, remat: bool, scan: bool = True) -> tuple[jax.Array, Any]:
     """Runs `step(layer, carry, per_layer_slice) -> (carry, output)` over stacked layers with
-    `lax.scan`; `remat` recomputes each layer in the backward pass instead of storing it."""
+    `lax.scan`; `remat` recomputes each layer in the backward pass instead of storing it.
+
+    `scan=False` unrolls the layers into straight-line code instead: longer compiles, but no
+    loop for XLA to carry residuals through. On a CPU that loop costs a quarter of a train
+    step (zero-filled residual stacks, dynamic slices and updates: benchmarks/README.md)."""
     graphdef, state = nnx.split(layers)
 
     def body(x, xs):
@@ -117,7 +132,18 @@ def scan_layers(layers: nnx.Module, step: Callable[..., tuple[jax.Array, Any]], 
 
     if remat:
         body = jax.checkpoint(body)
-    return jax.lax.scan(body, carry, (state, per_layer))
+    if scan:
+        return jax.lax.scan(body, carry, (state, per_layer))
+    # Split (not index) the stacks: the gradient of a split is one concatenation, that of L
+    # indexings L zero-padded stacks summed.
+    leaves, treedef = jax.tree.flatten((state, per_layer))
+    count = leaves[0].shape[0]
+    pieces = [[jnp.squeeze(p, 0) for p in jnp.split(leaf, count)] for leaf in leaves]
+    outputs = []
+    for i in range(count):
+        carry, out = body(carry, jax.tree.unflatten(treedef, [p[i] for p in pieces]))
+        outputs.append(out)
+    return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
@@ -153,25 +179,31 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 QUERY_CHUNK = 1024
 
 
+def map_in_chunks(fn: Callable[..., Any], xs: Sequence[jax.Array], chunk: int) -> Any:
+    """`fn(*xs)` for arrays `xs` that share a leading axis, taken `chunk` rows at a time past
+    that length (zero-padded to a multiple) with each chunk recomputed in the backward pass:
+    what bounds the memory of attention scores and of the vocabulary projection. `fn` must
+    map rows to rows: every output has the same leading axis as its inputs."""
+    n = xs[0].shape[0]
+    if n <= chunk:
+        return fn(*xs)
+    chunks = -(-n // chunk)
+    pad = chunks * chunk - n
+    parts = tuple(jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+                  .reshape(chunks, chunk, *x.shape[1:]) for x in xs)
+    out = jax.lax.map(jax.checkpoint(lambda part: fn(*part)), parts)
+    return jax.tree.map(lambda o: o.reshape(chunks * chunk, *o.shape[2:])[:n], out)
+
+
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                       query_chunk: int | None = None) -> jax.Array:
     """`dot_product_attention` with the queries taken `query_chunk` at a time past that
     length, each chunk recomputed in the backward pass: memory heads x chunk x kv_len instead
     of heads x q_len x kv_len (28 heads x 7,168^2 float32 scores are 5.8 GB per layer)."""
-    batch, q_len, heads, head_dim = q.shape
-    chunk = query_chunk or QUERY_CHUNK
-    if q_len <= chunk:
-        return dot_product_attention(q, k, v, mask)
-    chunks = -(-q_len // chunk)
-    pad = chunks * chunk - q_len
-    queries = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    masks = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))  # padded queries see nothing
-    queries = jnp.moveaxis(queries.reshape(batch, chunks, chunk, heads, head_dim), 1, 0)
-    masks = jnp.moveaxis(masks.reshape(batch, chunks, chunk, mask.shape[-1]), 1, 0)
+    def attend(queries: jax.Array, rows: jax.Array) -> jax.Array:  # query-major
+        out = dot_product_attention(jnp.moveaxis(queries, 0, 1), k, v, jnp.moveaxis(rows, 0, 1))
+        return jnp.moveaxis(out, 1, 0)
 
-    @jax.checkpoint
-    def attend(part: tuple[jax.Array, jax.Array]) -> jax.Array:
-        return dot_product_attention(part[0], k, v, part[1])
-
-    out = jnp.moveaxis(jax.lax.map(attend, (queries, masks)), 0, 1)
-    return out.reshape(batch, chunks * chunk, heads, head_dim)[:, :q_len]
+    out = map_in_chunks(attend, (jnp.moveaxis(q, 1, 0), jnp.moveaxis(mask, 1, 0)),
+                        query_chunk or QUERY_CHUNK)
+    return jnp.moveaxis(out, 0, 1)

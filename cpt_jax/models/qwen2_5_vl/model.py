@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from .config import Qwen2_5_VLConfig
-from .layers import make_param
+from .layers import make_param, matmul_flat
 from .rope_index import get_rope_index
 from .text import KVCache, TextDecoder
 from .vision import VisionInputs, VisionTower
@@ -25,16 +25,21 @@ from .vision import VisionInputs, VisionTower
 class Qwen2_5_VL(nnx.Module):
     def __init__(self, config: Qwen2_5_VLConfig, *, dtype: jnp.dtype = jnp.float32,
                  param_dtype: jnp.dtype = jnp.float32, remat: bool = False,
+                 scan_layers: bool = True, max_frame_patches: int | None = None,
                  rngs: nnx.Rngs | None = None):
         """`dtype` is the compute dtype, `param_dtype` the storage dtype of the parameters;
-        `remat` recomputes each scanned layer in the backward pass instead of storing it."""
+        `remat` recomputes each layer in the backward pass instead of storing it;
+        `scan_layers=False` unrolls the layer loops (faster steps on a CPU, longer compiles);
+        `max_frame_patches` bounds the patches of any one frame, which lets the vision tower's
+        full attention skip the other frames (`VisionTower`); None attends over all."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = dtype
         self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=param_dtype,
-                                  remat=remat, rngs=rngs)
+                                  remat=remat, scan_layers=scan_layers,
+                                  max_frame_patches=max_frame_patches, rngs=rngs)
         self.language_model = TextDecoder(config.text, dtype=dtype, param_dtype=param_dtype,
-                                          remat=remat, rngs=rngs)
+                                          remat=remat, scan_layers=scan_layers, rngs=rngs)
         self.lm_head = (None if config.tie_word_embeddings else
                         make_param(rngs, (config.text.hidden_size, config.text.vocab_size),
                                    ("embed", "vocab"), param_dtype))
@@ -69,8 +74,8 @@ class Qwen2_5_VL(nnx.Module):
             kernel = self.language_model.embed_tokens[...].T
         else:
             kernel = self.lm_head[...]
-        return jnp.dot(hidden, kernel.astype(self.dtype),
-                       preferred_element_type=jnp.float32).astype(jnp.float32)
+        return matmul_flat(hidden, kernel.astype(self.dtype),
+                           preferred_element_type=jnp.float32).astype(jnp.float32)
 
     def _insert_vision_features(self, input_ids: jax.Array, embeds: jax.Array,
                                 features: jax.Array) -> jax.Array:
@@ -161,6 +166,12 @@ class Qwen2_5_VL(nnx.Module):
             n_features = int(grid.prod(axis=-1).sum()) // merge
             if (pixels is None) != (len(grid) == 0):
                 raise ValueError(f"pass pixel_values for {name}s together with their grid_thw")
+            bound, frames = self.visual.max_frame_patches, grid[:, 1:].prod(axis=-1)
+            if bound is not None and len(grid) and frames.max() > bound:
+                raise ValueError(
+                    f"{name} grid {grid[frames.argmax()].tolist()} has {frames.max()} patches per "
+                    f"frame, more than the model's max_frame_patches ({bound}): raise "
+                    f"max_frame_patches or lower max_pixels")
             if n_tokens != n_features:
                 raise ValueError(
                     f"{name} tokens and {name} features do not match: the input holds "

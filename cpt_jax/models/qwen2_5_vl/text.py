@@ -131,10 +131,11 @@ class DecoderLayer(nnx.Module):
 
 class TextDecoder(nnx.Module):
     def __init__(self, config: TextConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
-                 remat: bool, rngs: nnx.Rngs):
+                 remat: bool, scan_layers: bool = True, rngs: nnx.Rngs):
         self.config = config
         self.dtype = dtype
         self.remat = remat
+        self.scan = scan_layers
         self.embed_tokens = make_param(rngs, (config.vocab_size, config.hidden_size),
                                        ("vocab", "embed"), param_dtype)
         self.layers = stack_layers(
@@ -165,7 +166,7 @@ class TextDecoder(nnx.Module):
             def step(layer, x, _):
                 return constrain(layer(x, cos, sin, mask, None)[0], ACTIVATION_AXES), None
 
-            x, _ = scan_layers(self.layers, step, embeds, remat=self.remat)
+            x, _ = scan_layers(self.layers, step, embeds, remat=self.remat, scan=self.scan)
             return self.norm(x), None
 
         index = cache.index
@@ -181,7 +182,7 @@ class TextDecoder(nnx.Module):
 
         layer_indices = jnp.arange(self.config.num_hidden_layers)
         (x, k, v), _ = scan_layers(self.layers, cached_step, (embeds, cache.k, cache.v),
-                                   layer_indices, remat=self.remat)
+                                   layer_indices, remat=self.remat, scan=self.scan)
         last = jnp.max(jnp.where(attention_mask, positions.max(axis=0), -1), axis=-1)
         cache = KVCache(k, v, valid, index + seq, jnp.maximum(last + 1, cache.next_position))
         return self.norm(x), cache

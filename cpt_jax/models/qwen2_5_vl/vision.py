@@ -25,6 +25,7 @@ from .layers import (
     SwiGLU,
     apply_rotary,
     dot_product_attention,
+    map_in_chunks,
     scan_layers,
     stack_layers,
 )
@@ -100,7 +101,7 @@ def _pad(arrays: list[np.ndarray], size: int, pad_to: int, unit: int) -> list[np
 
 class VisionAttention(nnx.Module):
     def __init__(self, config: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
-                 rngs: nnx.Rngs):
+                 max_frame_patches: int | None, rngs: nnx.Rngs):
         heads, head_dim = config.num_heads, config.head_dim
         self.qkv = Dense((config.hidden_size,), (3, heads, head_dim), in_axes=("vision_embed",),
                          out_axes=(None, "vision_heads", "head_dim"), use_bias=True, dtype=dtype,
@@ -109,6 +110,7 @@ class VisionAttention(nnx.Module):
                           in_axes=("vision_heads", "head_dim"), out_axes=("vision_embed",),
                           use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.window_tokens = (config.window_size // config.patch_size) ** 2
+        self.frame_chunk = None if max_frame_patches is None else -(-max_frame_patches // 2)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: Segments,
                  full: jax.Array) -> jax.Array:
@@ -121,9 +123,17 @@ class VisionAttention(nnx.Module):
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(x.dtype)
         out = jax.lax.cond(
             full,
-            lambda: segment_attention(q, k, v, segments.frames),
+            lambda: self.frame_attention(q, k, v, segments.frames),
             lambda: local_segment_attention(q, k, v, segments.windows, self.window_tokens))
         return self.proj(out)
+
+    def frame_attention(self, q: jax.Array, k: jax.Array, v: jax.Array,
+                        frames: jax.Array) -> jax.Array:
+        """Attention within each frame: over neighbouring chunks when frames are known to be
+        at most `max_frame_patches` long and that is cheaper, else over the whole sequence."""
+        if self.frame_chunk is not None and 5 * self.frame_chunk < q.shape[0]:
+            return local_segment_attention(q, k, v, frames, self.frame_chunk, reach=2)
+        return segment_attention(q, k, v, frames)
 
 
 class Segments(NamedTuple):
@@ -142,33 +152,24 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array,
     packed images of one GRPO micro-batch (8 images of 4,900 patches) would otherwise hold
     over 100 GB of scores per full-attention block on a 7B model's 16 heads.
     """
-    n, heads, head_dim = q.shape
-    if n <= query_chunk:
-        mask = ids[:, None] == ids[None, :]
-        return dot_product_attention(q[None], k[None], v[None], mask[None])[0]
-    chunks = -(-n // query_chunk)
-    pad = chunks * query_chunk - n
-    queries = jnp.pad(q, ((0, pad), (0, 0), (0, 0))).reshape(chunks, query_chunk, heads,
-                                                             head_dim)
-    query_ids = jnp.pad(ids, (0, pad), constant_values=-1).reshape(chunks, query_chunk)
+    def attend(queries: jax.Array, query_ids: jax.Array) -> jax.Array:
+        mask = query_ids[:, None] == ids[None, :]
+        return dot_product_attention(queries[None], k[None], v[None], mask[None])[0]
 
-    @jax.checkpoint
-    def attend(chunk: tuple[jax.Array, jax.Array]) -> jax.Array:
-        chunk_q, chunk_ids = chunk
-        mask = chunk_ids[:, None] == ids[None, :]
-        return dot_product_attention(chunk_q[None], k[None], v[None], mask[None])[0]
-
-    out = jax.lax.map(attend, (queries, query_ids))
-    return out.reshape(chunks * query_chunk, heads, head_dim)[:n]
+    return map_in_chunks(attend, (q, ids), query_chunk)
 
 
 def local_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array,
-                            chunk: int) -> jax.Array:
-    """`segment_attention` for contiguous segments of at most `chunk` tokens (the windows).
+                            chunk: int, reach: int = 1,
+                            query_chunk: int = QUERY_CHUNK) -> jax.Array:
+    """`segment_attention` for contiguous segments of at most `reach * chunk + 1` tokens.
 
-    The sequence is cut into chunks of `chunk` tokens; a segment then lies in at most two
-    neighbouring chunks, so each query chunk only needs its own and the two adjacent key
-    chunks: cost n x 3*chunk instead of n x n, with the same result.
+    The sequence is cut into chunks of `chunk` tokens; a token's segment then lies within
+    `reach` chunks on either side of its own, so each query chunk only needs those 2 * reach
+    + 1 key chunks: cost n x (2 * reach + 1) * chunk instead of n x n, with the same result.
+    Windows use reach 1 and the window as the chunk; frames, half a frame and reach 2. Where
+    the scores would outgrow `segment_attention`'s (query_chunk x n), the query chunks go a
+    group at a time as there.
     """
     n = q.shape[0]
     n_chunks = -(-n // chunk)
@@ -178,24 +179,30 @@ def local_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.A
 
     def with_neighbours(t: jax.Array, fill: int) -> jax.Array:
         t = t.reshape(n_chunks, chunk, *t.shape[1:])
-        t = jnp.pad(t, ((1, 1),) + ((0, 0),) * (t.ndim - 1), constant_values=fill)
-        return jnp.concatenate([t[:-2], t[1:-1], t[2:]], axis=1)
+        t = jnp.pad(t, ((reach, reach),) + ((0, 0),) * (t.ndim - 1), constant_values=fill)
+        return jnp.concatenate([t[i:i + n_chunks] for i in range(2 * reach + 1)], axis=1)
 
-    mask = ids.reshape(n_chunks, chunk)[:, :, None] == with_neighbours(ids, -2)[:, None, :]
-    out = dot_product_attention(q.reshape(n_chunks, chunk, *q.shape[1:]),
-                                with_neighbours(k, 0), with_neighbours(v, 0), mask)
+    def attend(queries: jax.Array, query_ids: jax.Array, keys: jax.Array, values: jax.Array,
+               key_ids: jax.Array) -> jax.Array:
+        mask = query_ids[:, :, None] == key_ids[:, None, :]
+        return dot_product_attention(queries, keys, values, mask)
+
+    out = map_in_chunks(attend, (q.reshape(n_chunks, chunk, *q.shape[1:]),
+                                 ids.reshape(n_chunks, chunk), with_neighbours(k, 0),
+                                 with_neighbours(v, 0), with_neighbours(ids, -2)),
+                        max(1, query_chunk * n // (chunk * chunk * (2 * reach + 1))))
     return out.reshape(n_chunks * chunk, *out.shape[2:])[:n]
 
 
 class VisionBlock(nnx.Module):
     def __init__(self, config: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
-                 rngs: nnx.Rngs):
+                 max_frame_patches: int | None, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = RMSNorm(config.hidden_size, eps=NORM_EPS, axis_name="vision_embed",
                              param_dtype=param_dtype)
         self.norm2 = RMSNorm(config.hidden_size, eps=NORM_EPS, axis_name="vision_embed",
                              param_dtype=param_dtype)
-        self.attn = VisionAttention(config, **kw)
+        self.attn = VisionAttention(config, max_frame_patches=max_frame_patches, **kw)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size,
                           axes=("vision_embed", "vision_mlp"), use_bias=True, **kw)
 
@@ -227,15 +234,22 @@ class PatchMerger(nnx.Module):
 
 class VisionTower(nnx.Module):
     def __init__(self, config: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
-                 remat: bool, rngs: nnx.Rngs):
+                 remat: bool, scan_layers: bool = True, max_frame_patches: int | None = None,
+                 rngs: nnx.Rngs):
+        """`max_frame_patches`, when given, promises that no frame (an image, or one temporal
+        slice of a video) has more patches: full attention then costs O(n x frame) instead of
+        O(n^2) over the n packed patches. `Qwen2_5_VL.prepare_inputs` enforces it."""
         self.config = config
+        self.max_frame_patches = max_frame_patches
         self.dtype = dtype
         self.remat = remat
+        self.scan = scan_layers
         self.patch_embed = Dense((config.patch_dim,), (config.hidden_size,), in_axes=(None,),
                                  out_axes=("vision_embed",), use_bias=False, dtype=dtype,
                                  param_dtype=param_dtype, rngs=rngs)
         self.blocks = stack_layers(
-            lambda r: VisionBlock(config, dtype=dtype, param_dtype=param_dtype, rngs=r),
+            lambda r: VisionBlock(config, dtype=dtype, param_dtype=param_dtype,
+                                  max_frame_patches=max_frame_patches, rngs=r),
             config.depth, rngs)
         self.merger = PatchMerger(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -263,6 +277,6 @@ class VisionTower(nnx.Module):
 
         full_attention = np.isin(np.arange(self.config.depth), self.config.fullatt_block_indexes)
         x, _ = scan_layers(self.blocks, step, constrain(x, PATCH_AXES),
-                           jnp.asarray(full_attention), remat=self.remat)
+                           jnp.asarray(full_attention), remat=self.remat, scan=self.scan)
         merged = self.merger(x)
         return merged[inputs.reverse_index]

@@ -104,12 +104,17 @@ def canonical_key(key: str) -> str:
 
 
 def from_pretrained(path: str | Path, *, dtype: jnp.dtype = jnp.float32,
-                    param_dtype: jnp.dtype = jnp.float32, remat: bool = False) -> Qwen2_5_VL:
-    """Builds the model from a Hugging Face folder (config.json + one or many safetensors)."""
+                    param_dtype: jnp.dtype = jnp.float32, remat: bool = False,
+                    scan_layers: bool = True,
+                    max_frame_patches: int | None = None) -> Qwen2_5_VL:
+    """Builds the model from a Hugging Face folder (config.json + one or many safetensors);
+    the keyword options are `Qwen2_5_VL`'s."""
     path = Path(path)
     config = load_config(path)
     model = nnx.eval_shape(lambda: Qwen2_5_VL(config, dtype=dtype, param_dtype=param_dtype,
-                                              remat=remat, rngs=nnx.Rngs(0)))
+                                              remat=remat, scan_layers=scan_layers,
+                                              max_frame_patches=max_frame_patches,
+                                              rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
     params = {tuple(str(p) for p in var_path): var for var_path, var in flat}
