@@ -29,7 +29,8 @@ class Qwen2_5_VL(nnx.Module):
                  rngs: nnx.Rngs | None = None):
         """`dtype` is the compute dtype, `param_dtype` the storage dtype of the parameters;
         `remat` recomputes each layer in the backward pass instead of storing it;
-        `scan_layers=False` unrolls the layer loops (faster steps on a CPU, longer compiles);
+        `scan_layers=False` unrolls the layer loops of passes without a KV cache (faster
+        train steps on a CPU, longer compiles; cached passes stay scanned);
         `max_frame_patches` bounds the patches of any one frame, which lets the vision tower's
         full attention skip the other frames (`VisionTower`); None attends over all."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)

@@ -180,9 +180,11 @@ class TextDecoder(nnx.Module):
             return (constrain(x, ACTIVATION_AXES), constrain(slot.k, CACHE_AXES),
                     constrain(slot.v, CACHE_AXES)), None
 
+        # Always scanned: unrolled, XLA's CPU backend copies each layer's weights out of the
+        # stacks at every decode step (the sampler ran 12 % slower).
         layer_indices = jnp.arange(self.config.num_hidden_layers)
         (x, k, v), _ = scan_layers(self.layers, cached_step, (embeds, cache.k, cache.v),
-                                   layer_indices, remat=self.remat, scan=self.scan)
+                                   layer_indices, remat=self.remat)
         last = jnp.max(jnp.where(attention_mask, positions.max(axis=0), -1), axis=-1)
         cache = KVCache(k, v, valid, index + seq, jnp.maximum(last + 1, cache.next_position))
         return self.norm(x), cache
