@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     cfg = preset(args.preset)
     model = Qwen2_5_VL(cfg, dtype=jnp.float32, param_dtype=jnp.float32,
+                       max_frame_patches=(args.image_size // cfg.vision.patch_size) ** 2,
                        rngs=nnx.Rngs(args.seed))
     n_params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     data = make_batch(cfg, batch=args.batch, image_size=args.image_size,

@@ -22,3 +22,35 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def matmul_peak_flops(size: int = 2048, runs: int = 10) -> dict[str, float]:
+    """The machine's measured float32 matmul rate (FLOP/s), the denominator of MFU: the best
+    of `runs` timed [size, size] x [size, size] products, through JAX (XLA's CPU dot) and
+    through torch (its BLAS), each after a warm-up call. `peak` is the higher of the two."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    flops = 2.0 * size**3
+
+    def best(call) -> float:
+        call()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return flops / min(times)
+
+    matmul = jax.jit(jnp.matmul)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    rates = {"jax": best(lambda: matmul(ja, jb).block_until_ready()),
+             "torch": best(lambda: torch.mm(ta, tb))}
+    return {**rates, "peak": max(rates.values()), "size": size}

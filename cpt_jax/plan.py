@@ -52,6 +52,7 @@ from cpt_jax.config import (  # noqa: E402
     run_algorithms,
 )
 from cpt_jax.data.pipeline import patch_bucket  # noqa: E402
+from cpt_jax.flops import text_params_per_token, vision_params_per_patch  # noqa: E402
 from cpt_jax.models.qwen2_5_vl import (  # noqa: E402
     KVCache,
     Qwen2_5_VL,
@@ -342,8 +343,8 @@ class Planner:
         """Model FLOPs of one step of each algorithm: 2 per parameter per token forward, 6
         forward + backward, plus attention's score and value products."""
         text, vision = self.arch.text, self.arch.vision
-        n_text = _text_params(text)
-        n_vision = _vision_params(vision)
+        n_text = text_params_per_token(text)
+        n_vision = vision_params_per_patch(vision)
         patches = int(np.prod(self.grid))
 
         def forward(rows: int, length: int) -> float:
@@ -373,23 +374,6 @@ class Planner:
 def _without_update_keys(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items()
             if k in ("input_ids", "positions", "attention_mask", "vision")}
-
-
-def _text_params(text: Any) -> int:
-    """Decoder parameters that multiply each token (embedding lookup excluded, head
-    included)."""
-    h, i = text.hidden_size, text.intermediate_size
-    head_dim = h // text.num_attention_heads
-    attention = h * h * 2 + 2 * h * text.num_key_value_heads * head_dim
-    return text.num_hidden_layers * (attention + 3 * h * i) + h * text.vocab_size
-
-
-def _vision_params(vision: Any) -> int:
-    h, i = vision.hidden_size, vision.intermediate_size
-    merged = h * vision.spatial_merge_size**2
-    per_patch_merger = (merged * merged + merged * vision.out_hidden_size) / (
-        vision.spatial_merge_size**2)
-    return int(PATCH_DIM * h + vision.depth * (4 * h * h + 3 * h * i) + per_patch_merger)
 
 
 def measure(lowered: Any) -> ProgramReport:

@@ -71,7 +71,10 @@ def _token_sums(model: Qwen2_5_VL, batch: Batch) -> dict[str, jax.Array]:
     weights = jnp.pad(weights, ((0, 0), (0, 1)))
 
     def stats(logits: jax.Array, chunk_targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-        correct = (jnp.argmax(logits, axis=-1) == chunk_targets).astype(jnp.float32)
+        # The target is predicted when its logit is the largest: a max, not an argmax (whose
+        # index reduction cost 1.5 % of a CPU step); an exact tie counts as predicted.
+        target_logits = jnp.take_along_axis(logits, chunk_targets[..., None], axis=-1)[..., 0]
+        correct = (target_logits >= jnp.max(logits, axis=-1)).astype(jnp.float32)
         return -target_logprobs(logits, chunk_targets), correct
 
     nll, correct = per_position(model, hidden, targets, stats)
@@ -113,7 +116,8 @@ def _means(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 def sft_loss(model: Qwen2_5_VL, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Token-mean cross-entropy over the response tokens of one (unstacked) batch; metrics:
-    loss, token accuracy (argmax == target) and the number of response tokens."""
+    loss, token accuracy (the target has the largest logit) and the number of response
+    tokens."""
     metrics = _means(_token_sums(model, batch))
     return metrics["loss"], metrics
 
