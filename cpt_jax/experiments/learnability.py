@@ -163,25 +163,30 @@ def evaluate(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase, data_dir: Pa
 
 
 def mixture(tokenizer: PreTrainedTokenizerBase, data_dir: Path, *, batch_size: int,
-            seed: int, caption_weight: int = 0,
-            caption_warmup: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """SFT batches of the seven stage tasks, one task per batch, round-robin; with
-    `caption_weight` W, each round also has W batches of syn_caption (dense descriptions), and
-    with `caption_warmup` N the first N batches are syn_caption alone.
+            seed: int, tasks: Sequence[str] = SYNTHETIC_STAGES, caption_weight: int = 0,
+            caption_warmup: int = 0, options: EncodeOptions = OPTIONS,
+            response_template: str = "{answer}",
+            skip_rows: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """SFT batches of `tasks`, one task per batch, round-robin; with `caption_weight` W, each
+    round also has W batches of syn_caption (dense descriptions), and with `caption_warmup` N
+    the first N batches are syn_caption alone. `skip_rows` leaves out the first training rows
+    of `tasks` (those a later experiment trains on).
 
     Why captions: most stage answers depend on the image only jointly with the question (is
     the texture *X*?), which gives a vision tower trained from scratch no gradient to start
     from; a caption depends on the image alone, so it teaches the features first."""
-    tasks = SYNTHETIC_STAGES + SYNTHETIC_PRETRAIN
-    captions = bool(caption_weight or caption_warmup)
-    iterators = {task: iter(sft_dataset(load_source(task, "train", data_dir=data_dir),
-                                        task=task, tokenizer=tokenizer, batch_size=batch_size,
-                                        seed=seed + i, options=OPTIONS))
-                 for i, task in enumerate(tasks[:len(SYNTHETIC_STAGES) + captions])}
+    captions = SYNTHETIC_PRETRAIN[:int(bool(caption_weight or caption_warmup))]
+    iterators = {}
+    for i, task in enumerate([*tasks, *captions]):
+        source = load_source(task, "train", data_dir=data_dir)
+        if skip_rows and task not in SYNTHETIC_PRETRAIN:
+            source = source[skip_rows:]
+        iterators[task] = iter(sft_dataset(source, task=task, tokenizer=tokenizer,
+                                           batch_size=batch_size, seed=seed + i, options=options,
+                                           response_template=response_template))
     for _ in range(caption_warmup):
         yield next(iterators[SYNTHETIC_PRETRAIN[0]])
-    order = list(SYNTHETIC_STAGES) + list(SYNTHETIC_PRETRAIN) * caption_weight
-    for task in itertools.cycle(order):
+    for task in itertools.cycle([*tasks, *SYNTHETIC_PRETRAIN * caption_weight]):
         yield next(iterators[task])
 
 

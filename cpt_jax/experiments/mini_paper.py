@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import os
 import shutil
@@ -47,7 +46,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from cpt_jax.config import RunConfig, load_run_config
 from cpt_jax.data import build
-from cpt_jax.data.pipeline import sft_dataset
 from cpt_jax.data.sources import SourceNotBuiltError, load_source
 from cpt_jax.data.tasks import SYNTHETIC_GENERAL, SYNTHETIC_PRETRAIN, SYNTHETIC_STAGES, reward_fn
 from cpt_jax.data.tokenizer import task_tokenizer
@@ -144,21 +142,12 @@ def build_data(data_dir: Path, scale: Scale) -> None:
 def base_mixture(tokenizer: PreTrainedTokenizerBase, data_dir: Path, config: RunConfig,
                  scale: Scale, *, seed: int) -> Iterator[dict[str, np.ndarray]]:
     """SFT batches for the base: `caption_warmup` syn_caption batches, then round-robin one
-    batch of each stage task, syn_caption and each general task, from the training rows after
+    batch of each stage task, each general task and syn_caption, from the training rows after
     the first `run_rows` (the stages' rows are never seen by the base)."""
-    options = encode_options(config)
-    tasks = BASE_TASKS + SYNTHETIC_PRETRAIN
-    iterators = {}
-    for i, task in enumerate(tasks):
-        source = load_source(task, "train", data_dir=data_dir)
-        source = source[scale.run_rows:] if task not in SYNTHETIC_PRETRAIN else source
-        iterators[task] = iter(sft_dataset(
-            source, task=task, tokenizer=tokenizer, batch_size=scale.batch_size, seed=seed + i,
-            options=options, response_template=config.sft.response_template))
-    for _ in range(scale.caption_warmup):
-        yield next(iterators[SYNTHETIC_PRETRAIN[0]])
-    for task in itertools.cycle(tasks):
-        yield next(iterators[task])
+    return learnability.mixture(
+        tokenizer, data_dir, batch_size=scale.batch_size, seed=seed, tasks=BASE_TASKS,
+        caption_weight=1, caption_warmup=scale.caption_warmup, options=encode_options(config),
+        response_template=config.sft.response_template, skip_rows=scale.run_rows)
 
 
 def train_base(work: Path, config: RunConfig, scale: Scale, *, seed: int = 0) -> dict[str, Any]:
