@@ -305,6 +305,9 @@ def check(config: RunConfig, *, device_count: int | None = None) -> None:
         raise ConfigError(f"model.max_frame_patches: {frame_patches} is below the "
                           f"{config.data.max_pixels // PATCH_PIXELS} patches of an image at "
                           f"data.max_pixels ({config.data.max_pixels} / {PATCH_PIXELS})")
+    if "://" in config.output_dir:
+        raise ConfigError(f"output_dir: {config.output_dir!r} is a URL; only local folders are "
+                          f"supported (mount a bucket, e.g. with gcsfuse, and name the mount)")
     if config.model.path is None and config.model.preset is None:
         raise ConfigError("model: set model.path (a Hugging Face folder) or model.preset")
     if not config.stages:

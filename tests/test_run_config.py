@@ -71,6 +71,8 @@ def test_file_and_overrides_are_typed(path):
     ("sft.response_template=boxed{answer", "sft.response_template: 'boxed{answer' does not "
                                            "format with only {answer}"),
     ("nokey", "not of the form key=value"),
+    ("output_dir=gs://bucket/run", "output_dir: 'gs://bucket/run' is a URL; only local "
+                                   "folders are supported"),
     ("model.max_frame_patches=4096", "model.max_frame_patches: 4096 is below the 5120 patches "
                                      "of an image at data.max_pixels (1003520 / 196)"),
 ])
