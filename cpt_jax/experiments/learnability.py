@@ -59,6 +59,9 @@ from cpt_jax.sft import TrainState, make_sft_step, stack_micro_batches
 EVAL_TASKS = SYNTHETIC_STAGES + SYNTHETIC_GENERAL
 WARMUP_RATIO = 0.05  # of the learning rate, over all steps
 # Synthetic prompts are under 128 tokens and 8 images hold at most 512 patches: one program.
+# The fastest CPU settings (benchmarks/README.md): unrolled layers, and full vision attention
+# bounded to one synthetic image's patches.
+CPU_MODEL_OPTIONS = {"scan_layers": False, "max_frame_patches": SYNTHETIC_MAX_PIXELS // 196}
 OPTIONS = EncodeOptions(length_buckets=(128, 256), min_pixels=SYNTHETIC_MIN_PIXELS,
                         max_pixels=SYNTHETIC_MAX_PIXELS, cot=False, min_patches=512)
 
@@ -331,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = preset(args.preset)
         tokenizer = task_tokenizer(config, data_dir)
         model = Qwen2_5_VL(config, dtype=jnp.dtype(args.dtype), param_dtype=jnp.float32,
-                           rngs=nnx.Rngs(args.seed))
+                           **CPU_MODEL_OPTIONS, rngs=nnx.Rngs(args.seed))
         eval_kw = {"examples": args.eval_examples, "batch_size": args.batch_size,
                    "new_tokens": args.new_tokens}
         print("untrained:", flush=True)
@@ -361,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.blind_baseline:
             print(f"training {args.steps} steps on blanked images:", flush=True)
             model = Qwen2_5_VL(config, dtype=jnp.dtype(args.dtype), param_dtype=jnp.float32,
-                               rngs=nnx.Rngs(args.seed))
+                               **CPU_MODEL_OPTIONS, rngs=nnx.Rngs(args.seed))
             model, _, _ = recipe(model, blank=True)
             print("blind-trained, images blanked:", flush=True)
             blind = evaluate(model, tokenizer, data_dir, **eval_kw, blank=True)
