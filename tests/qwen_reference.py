@@ -131,6 +131,20 @@ def pad_left(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def _with_pixels(rng: np.random.Generator, rows: list[list[int]],
+                 image_grids: list[tuple[int, int, int]],
+                 video_grids: list[tuple[int, int, int]]) -> Batch:
+    """The rows left-padded, with random patches for the images and videos they hold."""
+    ids, mask = pad_left(rows)
+    n_image = sum(t * h * w for t, h, w in image_grids)
+    n_video = sum(t * h * w for t, h, w in video_grids)
+    return Batch(ids, mask,
+                 pixel_values=rng.standard_normal((n_image, PATCH_DIM)).astype(np.float32),
+                 image_grid_thw=np.asarray(image_grids, np.int64),
+                 pixel_values_videos=rng.standard_normal((n_video, PATCH_DIM)).astype(np.float32),
+                 video_grid_thw=np.asarray(video_grids, np.int64))
+
+
 def multimodal_batch(seed: int = 0) -> Batch:
     """Row 0: two images (windows split unevenly) between text, left-padded.
     Row 1: a two-frame video and an image. Row 2: text only, left-padded."""
@@ -144,14 +158,7 @@ def multimodal_batch(seed: int = 0) -> Batch:
         + _vision_tokens(IMAGE, image_grids[2]) + _text(rng, 30),
         _text(rng, 11),
     ]
-    ids, mask = pad_left(rows)
-    n_image = sum(t * h * w for t, h, w in image_grids)
-    n_video = sum(t * h * w for t, h, w in video_grids)
-    return Batch(ids, mask,
-                 pixel_values=rng.standard_normal((n_image, PATCH_DIM)).astype(np.float32),
-                 image_grid_thw=np.asarray(image_grids, np.int64),
-                 pixel_values_videos=rng.standard_normal((n_video, PATCH_DIM)).astype(np.float32),
-                 video_grid_thw=np.asarray(video_grids, np.int64))
+    return _with_pixels(rng, rows, image_grids, video_grids)
 
 
 def many_images_batch(seed: int = 2) -> Batch:
@@ -169,14 +176,7 @@ def many_images_batch(seed: int = 2) -> Batch:
         _vision_tokens(IMAGE, image_grids[4]) + _text(rng, 6)
         + _vision_tokens(IMAGE, image_grids[5]) + _text(rng, 3),
     ]
-    ids, mask = pad_left(rows)
-    n_image = sum(t * h * w for t, h, w in image_grids)
-    n_video = sum(t * h * w for t, h, w in video_grids)
-    return Batch(ids, mask,
-                 pixel_values=rng.standard_normal((n_image, PATCH_DIM)).astype(np.float32),
-                 image_grid_thw=np.asarray(image_grids, np.int64),
-                 pixel_values_videos=rng.standard_normal((n_video, PATCH_DIM)).astype(np.float32),
-                 video_grid_thw=np.asarray(video_grids, np.int64))
+    return _with_pixels(rng, rows, image_grids, video_grids)
 
 
 def text_batch(seed: int = 1) -> Batch:
