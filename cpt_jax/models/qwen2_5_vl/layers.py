@@ -122,8 +122,8 @@ def scan_layers(layers: nnx.Module, step: Callable[..., tuple[jax.Array, Any]], 
     `lax.scan`; `remat` recomputes each layer in the backward pass instead of storing it.
 
     `scan=False` unrolls the layers into straight-line code instead: longer compiles, but no
-    loop for XLA to carry residuals through. On a CPU that loop costs a quarter of a train
-    step (zero-filled residual stacks, dynamic slices and updates: benchmarks/README.md)."""
+    loop for XLA to carry residuals through. On a CPU that loop cost 15-20 % of a train step
+    of `small` (zero-filled residual stacks, dynamic slices and updates: benchmarks/README.md)."""
     graphdef, state = nnx.split(layers)
 
     def body(x, xs):
