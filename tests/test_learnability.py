@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 from cpt_jax.data.tasks import SYNTHETIC_GENERAL, SYNTHETIC_STAGES
+from cpt_jax.data.tokenizer import task_tokenizer
 from cpt_jax.experiments import learnability
+from cpt_jax.models.qwen2_5_vl import preset
 
 
 def test_learnability_writes_results_and_table(tmp_path):
@@ -13,13 +15,14 @@ def test_learnability_writes_results_and_table(tmp_path):
     assert learnability.main(["--out", str(out), "--preset", "tiny", "--steps", "3",
                               "--eval-examples", "8", "--train-examples", "8",
                               "--new-tokens", "2", "--caption-weight", "1",
-                              "--caption-warmup", "1", "--blind-baseline",
+                              "--caption-warmup", "1", "--blind-baseline", "--mixed-batches",
                               "--save", str(tmp_path / "model"),
                               "--data-dir", str(tmp_path / "tfds")]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["preset"] == "tiny" and results["steps"] == 3
     assert results["caption_weight"] == 1 and results["caption_warmup"] == 1
     assert results["vision_lr_scale"] == 0.1 and results["blind_baseline"]
+    assert results["mixed_batches"]
     assert (tmp_path / "model" / "config.json").exists()
     assert (tmp_path / "model" / "tokenizer.json").exists()
     assert set(results["tasks"]) == set(SYNTHETIC_STAGES + SYNTHETIC_GENERAL)
@@ -36,5 +39,19 @@ def test_learnability_writes_results_and_table(tmp_path):
     assert "| task | paper analogue |" in readme and "1 syn_caption batches" in readme
     assert "| majority | lookup | untrained |" in readme
     assert "| blank | blind-trained | n |" in readme and "first 1 steps on syn_caption" in readme
+    assert "every batch drawn from all seven shuffled together" in readme
     for task in results["tasks"]:
         assert f"| {task} |" in readme
+
+    # Which task each row came from, told by its answer: texture is yes/no, choice a letter.
+    tokenizer = task_tokenizer(preset("tiny"), tmp_path / "tfds")
+    tasks = ("syn_texture", "syn_choice")
+
+    def kinds(mixed: bool) -> list[set[bool]]:
+        batches = learnability.mixture(tokenizer, tmp_path / "tfds", batch_size=4, seed=0,
+                                       tasks=tasks, mixed=mixed)
+        return [{a.lower() in ("yes", "no") for a in next(batches)["answer"]}
+                for _ in range(8)]
+
+    assert all(len(k) == 1 for k in kinds(mixed=False))
+    assert sum(len(k) == 2 for k in kinds(mixed=True)) >= 4

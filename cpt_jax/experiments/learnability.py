@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,6 +83,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="syn_caption batches per round of the seven stage tasks' batches")
     parser.add_argument("--caption-warmup", type=int, default=500,
                         help="syn_caption-only steps before the mixture (part of --steps)")
+    parser.add_argument("--mixed-batches", action="store_true",
+                        help="draw every stage batch from all seven tasks shuffled together "
+                             "(default: one task per batch, round-robin)")
     parser.add_argument("--vision-lr-scale", type=float, default=0.1,
                         help="the vision tower's learning rate over the language model's")
     parser.add_argument("--blind-baseline", action="store_true",
@@ -168,29 +172,45 @@ def evaluate(model: Qwen2_5_VL, tokenizer: PreTrainedTokenizerBase, data_dir: Pa
 def mixture(tokenizer: PreTrainedTokenizerBase, data_dir: Path, *, batch_size: int,
             seed: int, tasks: Sequence[str] = SYNTHETIC_STAGES, caption_weight: int = 0,
             caption_warmup: int = 0, options: EncodeOptions = OPTIONS,
-            response_template: str = "{answer}",
-            skip_rows: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """SFT batches of `tasks`, one task per batch, round-robin; with `caption_weight` W, each
-    round also has W batches of syn_caption (dense descriptions), and with `caption_warmup` N
-    the first N batches are syn_caption alone. `skip_rows` leaves out the first training rows
-    of `tasks` (those a later experiment trains on).
+            response_template: str = "{answer}", skip_rows: int = 0,
+            mixed: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """SFT batches of `tasks`: one task per batch, round-robin, or with `mixed` every batch
+    drawn from all of them shuffled together (as many batches per round as there are tasks);
+    with `caption_weight` W, each round also has W batches of syn_caption (dense
+    descriptions), and with `caption_warmup` N the first N batches are syn_caption alone.
+    `skip_rows` leaves out the first training rows of `tasks` (those a later experiment trains
+    on).
 
     Why captions: most stage answers depend on the image only jointly with the question (is
     the texture *X*?), which gives a vision tower trained from scratch no gradient to start
-    from; a caption depends on the image alone, so it teaches the features first."""
-    captions = SYNTHETIC_PRETRAIN[:int(bool(caption_weight or caption_warmup))]
-    iterators = {}
-    for i, task in enumerate([*tasks, *captions]):
-        source = load_source(task, "train", data_dir=data_dir)
-        if skip_rows and task not in SYNTHETIC_PRETRAIN:
-            source = source[skip_rows:]
-        iterators[task] = iter(sft_dataset(source, task=task, tokenizer=tokenizer,
-                                           batch_size=batch_size, seed=seed + i, options=options,
-                                           response_template=response_template))
+    from; a caption depends on the image alone, so it teaches the features first. Why mixed
+    batches: with one task per batch, each update pulls the shared weights towards one task,
+    and a small model ends the schedule holding only the skills of its last few hundred
+    steps (reports/synthetic_learnability)."""
+    def source(task: str) -> grain.MapDataset:
+        rows = load_source(task, "train", data_dir=data_dir)
+        return rows[skip_rows:] if skip_rows and task not in SYNTHETIC_PRETRAIN else rows
+
+    def batches(rows: grain.MapDataset, task: str, i: int) -> Iterator[dict[str, np.ndarray]]:
+        # Every task has the same prompt template, so a mixed batch encodes as its first task.
+        return iter(sft_dataset(rows, task=task, tokenizer=tokenizer, batch_size=batch_size,
+                                seed=seed + i, options=options,
+                                response_template=response_template))
+
+    if mixed:
+        iterators = {"mixed": batches(grain.MapDataset.concatenate([source(t) for t in tasks]),
+                                      tasks[0], 0)}
+        stage_round = ["mixed"] * len(tasks)
+    else:
+        iterators = {task: batches(source(task), task, i) for i, task in enumerate(tasks)}
+        stage_round = list(tasks)
+    if caption_weight or caption_warmup:
+        caption = SYNTHETIC_PRETRAIN[0]
+        iterators[caption] = batches(source(caption), caption, len(tasks))
     for _ in range(caption_warmup):
         yield next(iterators[SYNTHETIC_PRETRAIN[0]])
-    for task in itertools.cycle([*tasks, *SYNTHETIC_PRETRAIN * caption_weight]):
-        yield next(iterators[task])
+    for name in itertools.cycle([*stage_round, *SYNTHETIC_PRETRAIN * caption_weight]):
+        yield next(iterators[name])
 
 
 def train(model: Qwen2_5_VL, batches: Iterator[dict[str, np.ndarray]], *, steps: int,
@@ -287,6 +307,8 @@ def write_readme(path: Path, results: dict[str, Any]) -> None:
     weight, warmup = results.get("caption_weight", 0), results.get("caption_warmup", 0)
     captions = f", and {weight} syn_caption batches per round of seven" if weight else ""
     first = f"the first {warmup} steps on syn_caption alone, then " if warmup else ""
+    per_batch = ("every batch drawn from all seven shuffled together"
+                 if results.get("mixed_batches") else "one task per batch")
     blind_column, blind_rule = "", ""
     if blind:
         blind_column = " blind-trained |"
@@ -296,7 +318,7 @@ def write_readme(path: Path, results: dict[str, Any]) -> None:
 
 - Command: `{results['command']}` (commit `{results['commit']}`).
 - Training: SFT with {first}the round-robin mixture of the seven stage tasks' train splits
-  (one task per batch{captions}), batch {results['batch_size']}, {results['steps']} steps, \
+  ({per_batch}{captions}), batch {results['batch_size']}, {results['steps']} steps, \
 AdamW lr {results['learning_rate']:g} (vision tower x{results.get('vision_lr_scale', 1.0):g}) \
 with warm-up {results.get('warmup_ratio', 0.1):g} and cosine decay, {results['dtype']} compute;
   {results['seconds_per_step']:.2f} s per step, {results['seconds']:.0f} s for the whole run on \
@@ -343,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         def recipe(model: Qwen2_5_VL, blank: bool) -> tuple[Qwen2_5_VL, list[float], float]:
             batches = mixture(tokenizer, data_dir, batch_size=args.batch_size, seed=args.seed,
                               caption_weight=args.caption_weight,
-                              caption_warmup=args.caption_warmup)
+                              caption_warmup=args.caption_warmup, mixed=args.mixed_batches)
             return train(model, batches, steps=args.steps, learning_rate=args.learning_rate,
                          vision_lr_scale=args.vision_lr_scale, warmup_ratio=WARMUP_RATIO,
                          blank=blank)
@@ -385,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "preset": args.preset, "steps": args.steps, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "dtype": args.dtype, "seed": args.seed,
         "caption_weight": args.caption_weight, "caption_warmup": args.caption_warmup,
+        "mixed_batches": args.mixed_batches,
         "vision_lr_scale": args.vision_lr_scale, "warmup_ratio": WARMUP_RATIO,
         "blind_baseline": args.blind_baseline,
         "train_examples_per_task": args.train_examples, "new_tokens": args.new_tokens,
