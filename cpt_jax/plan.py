@@ -54,13 +54,11 @@ from cpt_jax.config import (  # noqa: E402
 from cpt_jax.data.pipeline import patch_bucket  # noqa: E402
 from cpt_jax.flops import text_params_per_token, vision_params_per_patch  # noqa: E402
 from cpt_jax.models.qwen2_5_vl import (  # noqa: E402
-    KVCache,
     Qwen2_5_VL,
     Qwen2_5_VLConfig,
     load_config,
     preset,
 )
-from cpt_jax.models.qwen2_5_vl.text import CACHE_AXES  # noqa: E402
 from cpt_jax.optim import make_optimizer  # noqa: E402
 from cpt_jax.rl.groups import Group, training_batch  # noqa: E402
 from cpt_jax.rl.grpo import logprob_program, make_grpo_update  # noqa: E402
@@ -320,11 +318,13 @@ class Planner:
         rows = grpo.prompts_per_step * grpo.group_size
         length = self.prompt_length() + grpo.max_new_tokens
         cache = jax.eval_shape(lambda: self.model.init_cache(rows, length))
-        axes = KVCache(k=CACHE_AXES, v=CACHE_AXES, valid=("batch", None), index=(),
-                       next_position=("batch",))
-        return KVCache(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
-            self.mesh, logical_spec(names, x.shape, self.mesh))) for x, names in zip(
-                cache, axes, strict=True)))
+        leaves, treedef = jax.tree.flatten(cache)
+        names = jax.tree.leaves(cache.logical_axes(), is_leaf=lambda n: isinstance(n, tuple) and
+                                all(isinstance(e, str | None) for e in n))
+        return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=NamedSharding(self.mesh, logical_spec(n, x.shape,
+                                                                             self.mesh)))
+            for x, n in zip(leaves, names, strict=True)])
 
     def _decode(self) -> Any:
         graphdef = self.graphdef

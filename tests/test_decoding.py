@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from flax import nnx
 from qwen_reference import multimodal_batch
+
+from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL
 
 TOLERANCE = 1e-4
 
@@ -62,3 +65,25 @@ def test_decode_positions_continue_after_rope_delta(pair):
     np.testing.assert_array_equal(np.asarray(cache.next_position), real_lengths + deltas[:, 0])
     np.testing.assert_array_equal(np.asarray(cache.next_position),
                                   np.asarray(positions).max(axis=(0, 2)) + 1)
+
+
+def test_an_unrolled_model_decodes_with_one_cache_array_per_layer(pair):
+    """Prefill + one-token steps of the unrolled model (per-layer cache, layers split once and
+    passed to every step) equal the full forward, as the scanned model's do."""
+    _, _, model = pair
+    unrolled = Qwen2_5_VL(model.config, scan_layers=False, rngs=nnx.Rngs(0))
+    nnx.update(unrolled, nnx.state(model))
+    steps = 3
+    batch, continuation = _prompt_and_continuation(steps)
+    prompt_len = batch.input_ids.shape[1]
+    full = _full_logits(model, batch, continuation)
+    _, cache = unrolled.prefill(batch.input_ids, max_len=prompt_len + steps, **batch.ours())
+    text = model.config.text
+    assert cache.per_layer and len(cache.k) == len(cache.v) == text.num_hidden_layers
+    assert cache.k[0].shape == (batch.input_ids.shape[0], text.num_key_value_heads,
+                                prompt_len + steps, text.head_dim)
+    layers = unrolled.decoder_layers()
+    for step in range(steps):
+        logits, cache = unrolled.decode(continuation[:, step:step + 1], cache, layers)
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, prompt_len + step],
+                                   atol=TOLERANCE)

@@ -14,6 +14,7 @@ from flax import nnx
 from qwen_reference import IMAGE, MERGE, PAD, VIDEO, Batch, hf_logits, multimodal_batch
 
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset
+from cpt_jax.models.qwen2_5_vl import text as text_module
 from cpt_jax.rl import sampler as sampler_module
 from cpt_jax.rl.sampler import Prompts, SamplingConfig, choose_tokens, make_sampler
 
@@ -222,6 +223,7 @@ def test_draws_follow_the_tempered_truncated_distribution():
         tokens, logprobs = jax.vmap(lambda k, c=config: choose_tokens(logits, k, c))(keys)
         counts = np.bincount(np.asarray(tokens).ravel(), minlength=6) / draws
         np.testing.assert_allclose(counts, expected, atol=4e-3)
+        assert counts[allowed:].sum() == 0, config
         np.testing.assert_allclose(np.asarray(logprobs).ravel(),
                                    np.log(probs[np.asarray(tokens).ravel()]), rtol=1e-5)
 
@@ -273,3 +275,44 @@ def test_nucleus_equals_the_sorted_cumulative_definition(top_p):
     mass = np.where(mask, probs, 0).astype(np.float64).sum(-1)
     smallest = np.where(mask, probs, np.inf).min(-1)
     assert (mass >= top_p - 1e-6).all() and (mass - smallest < top_p + 1e-6).all()
+
+
+def _unrolled(model: Qwen2_5_VL) -> Qwen2_5_VL:
+    """The same weights in a model whose layers run unrolled (its cache one array per layer)."""
+    unrolled = Qwen2_5_VL(model.config, scan_layers=False, rngs=nnx.Rngs(0))
+    nnx.update(unrolled, nnx.state(model))
+    return unrolled
+
+
+def test_an_unrolled_model_samples_what_the_scanned_one_does(pair, monkeypatch):
+    """Same key, same answers and log-probs; the stacked layer weights are split once per
+    rollout (before the decode loop), not once per cached pass."""
+    _, _, model = pair
+    unrolled = _unrolled(model)
+    splits: list[int] = []
+    unstack = text_module.unstack_layers
+
+    def counted(layers):
+        splits.append(1)
+        return unstack(layers)
+
+    monkeypatch.setattr(text_module, "unstack_layers", counted)
+    batch = multimodal_batch()
+    config = SamplingConfig(max_new_tokens=NEW_TOKENS, group_size=3, temperature=1.0)
+    scanned, per_layer = (
+        make_sampler(m, config, stop_ids=[PAD], pad_id=PAD)(_states(m), _prompts(m, batch),
+                                                             jax.random.key(3))
+        for m in (model, unrolled))
+    assert splits == [1]
+    np.testing.assert_array_equal(np.asarray(per_layer.tokens), np.asarray(scanned.tokens))
+    np.testing.assert_allclose(np.asarray(per_layer.logprobs), np.asarray(scanned.logprobs),
+                               atol=1e-5)
+
+
+def test_a_draw_at_the_top_of_the_cumulative_mass_stays_in_the_support(monkeypatch):
+    """u rounded up to the total mass (float32) still draws the last allowed token."""
+    monkeypatch.setattr(sampler_module.jax.random, "uniform",
+                        lambda key, shape, dtype: jnp.ones(shape, dtype))
+    logits = jnp.asarray([[0.0, 1.0, 2.0, -jnp.inf, -jnp.inf], [3.0, -jnp.inf, 0.0, 1.0, -5.0]])
+    tokens = sampler_module._draw(jax.random.key(0), logits)
+    np.testing.assert_array_equal(np.asarray(tokens), [2, 4])

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from transformers import PreTrainedTokenizerBase
 
-from cpt_jax.models.qwen2_5_vl import KVCache, Qwen2_5_VL, VisionInputs
+from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, VisionInputs
 
 
 @dataclass(frozen=True)
@@ -98,13 +98,6 @@ def prepare_prompts(model: Qwen2_5_VL, batch: dict[str, np.ndarray]) -> Prompts:
     return Prompts(ids, positions, mask, vision)
 
 
-def _repeat_rows(cache: KVCache, times: int) -> KVCache:
-    """Each batch row of the cache `times` times in a row (k, v have batch on axis 1)."""
-    return KVCache(jnp.repeat(cache.k, times, axis=1), jnp.repeat(cache.v, times, axis=1),
-                   jnp.repeat(cache.valid, times, axis=0), cache.index,
-                   jnp.repeat(cache.next_position, times, axis=0))
-
-
 def _truncate(scaled: jax.Array, top_k: int, top_p: float) -> jax.Array:
     """Logits outside the top-k and outside the smallest set of mass >= top_p set to -inf."""
     if top_k and top_k < scaled.shape[-1]:
@@ -136,6 +129,23 @@ def _nucleus(probs: jax.Array, top_p: float, iterations: int = 40) -> jax.Array:
     return probs >= low
 
 
+def _draw(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """One token per row of softmax(logits), by inverting the cumulative distribution at one
+    uniform number per row.
+
+    The Gumbel-max trick (`jax.random.categorical`) draws a random number per vocabulary
+    entry: 6.4 of the 7.5 ms that sampling 32 rows of 8,192 ids took per decode step on one
+    CPU core, against 1.2 ms for this. Token i is drawn when u falls in its cumulative
+    interval, so a token of probability 0 never is; the float32 sums shift the mass of tokens
+    below ~1e-7 probability by about that much."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    cumulative = jnp.cumsum(probs, axis=-1)
+    u = jax.random.uniform(key, (*probs.shape[:-1], 1), probs.dtype) * cumulative[..., -1:]
+    drawn = jnp.sum(cumulative <= u, axis=-1)
+    last = probs.shape[-1] - 1 - jnp.argmax(probs[..., ::-1] > 0, axis=-1)  # u rounded up
+    return jnp.minimum(drawn, last)
+
+
 def choose_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig,
                   banned: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Next tokens [rows] from last-position logits [rows, vocab], with their log-probs.
@@ -150,7 +160,7 @@ def choose_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig,
     if config.temperature == 0:
         tokens = jnp.argmax(scaled, axis=-1)
     else:
-        tokens = jax.random.categorical(key, _truncate(scaled, config.top_k, config.top_p))
+        tokens = _draw(key, _truncate(scaled, config.top_k, config.top_p))
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), chosen
 
@@ -187,10 +197,12 @@ def sampler_program(model: Qwen2_5_VL, config: SamplingConfig, *, stop_ids: Sequ
     def sample(states: Sequence[nnx.State], prompts: Prompts, key: jax.Array) -> Rollout:
         model = nnx.merge(graphdef, *states)
         batch, prompt_len = prompts.input_ids.shape
+        layers = model.decoder_layers()  # split once, not at every step (None when scanned)
         cache = model.init_cache(batch, prompt_len + budget)
         hidden, cache = model.hidden_states(prompts.input_ids, prompts.positions,
-                                            prompts.attention_mask, prompts.vision, cache)
-        cache = _repeat_rows(cache, n)
+                                            prompts.attention_mask, prompts.vision, cache,
+                                            layers)
+        cache = cache.repeat_rows(n)
         rows = batch * n
         keys = jax.random.split(key, budget)
         last = jnp.repeat(model.logits(hidden[:, -1]), n, axis=0)
@@ -207,7 +219,7 @@ def sampler_program(model: Qwen2_5_VL, config: SamplingConfig, *, stop_ids: Sequ
         def decode_one(carry: tuple[Any, ...]) -> tuple[Any, ...]:
             step, tokens, logprobs, mask, done, cache = carry
             previous = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1)
-            logits, cache = model.decode(previous, cache)
+            logits, cache = model.decode(previous, cache, layers)
             token, logprob = choose_tokens(logits[:, -1], keys[step], config, banned)
             alive = ~done
             column = (jnp.where(alive, token, pad_id), jnp.where(alive, logprob, 0.0),

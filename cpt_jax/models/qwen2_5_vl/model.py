@@ -29,8 +29,8 @@ class Qwen2_5_VL(nnx.Module):
                  rngs: nnx.Rngs | None = None):
         """`dtype` is the compute dtype, `param_dtype` the storage dtype of the parameters;
         `remat` recomputes each layer in the backward pass instead of storing it;
-        `scan_layers=False` unrolls the layer loops of passes without a KV cache (faster
-        train steps on a CPU, longer compiles; cached passes stay scanned);
+        `scan_layers=False` unrolls the layer loops (faster train steps and decoding on a CPU,
+        longer compiles; the KV cache is then one array per layer);
         `max_frame_patches` bounds the patches of any one frame, which lets the vision tower's
         full attention skip the other frames (`VisionTower`); None attends over all."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -47,27 +47,35 @@ class Qwen2_5_VL(nnx.Module):
 
     # ----------------------------------------------------------------- jit-able core
     def forward(self, input_ids: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-                vision: VisionInputs | None = None, cache: KVCache | None = None
-                ) -> tuple[jax.Array, KVCache | None]:
+                vision: VisionInputs | None = None, cache: KVCache | None = None,
+                layers: list[nnx.Module] | None = None) -> tuple[jax.Array, KVCache | None]:
         """input_ids [b, s] int, positions [3, b, s] int, attention_mask [b, s] (1 = real).
 
         `vision` packs the patches of all images (first) and then all videos of the batch;
         their merged features replace the image / video placeholder tokens in row-major order.
+        `layers`: `decoder_layers()`, split once for many cached calls of an unrolled model.
         Returns float32 logits [b, s, vocab] and the updated cache (None without one).
         """
-        hidden, cache = self.hidden_states(input_ids, positions, attention_mask, vision, cache)
+        hidden, cache = self.hidden_states(input_ids, positions, attention_mask, vision, cache,
+                                           layers)
         return self.logits(hidden), cache
 
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array,
                       attention_mask: jax.Array, vision: VisionInputs | None = None,
-                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                      cache: KVCache | None = None, layers: list[nnx.Module] | None = None
+                      ) -> tuple[jax.Array, KVCache | None]:
         """`forward` without the language-model head: the final-normed hidden states
         [b, s, hidden]. Callers that need a few positions' logits (a prefill needs the last)
         apply `logits` to those, instead of materialising [b, s, vocab] in float32."""
         embeds = self.language_model.embed(input_ids)
         if vision is not None:
             embeds = self._insert_vision_features(input_ids, embeds, self.visual(vision))
-        return self.language_model(embeds, positions, attention_mask, cache)
+        return self.language_model(embeds, positions, attention_mask, cache, layers)
+
+    def decoder_layers(self) -> list[nnx.Module] | None:
+        """The text layers split out of their stacks once, for a decode loop to pass to every
+        step (`TextDecoder.unrolled_layers`); None for a scanned model."""
+        return self.language_model.unrolled_layers()
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits [..., vocab] of hidden states [..., hidden]."""
@@ -112,7 +120,7 @@ class Qwen2_5_VL(nnx.Module):
         return logits
 
     def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:
-        return KVCache.init(self.config.text, batch, max_len, dtype or self.dtype)
+        return self.language_model.init_cache(batch, max_len, dtype or self.dtype)
 
     def prefill(self, input_ids, *, max_len: int, attention_mask=None, pixel_values=None,
                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
@@ -131,14 +139,16 @@ class Qwen2_5_VL(nnx.Module):
         cache = self.init_cache(ids.shape[0], max_len)
         return self.forward(ids, positions, mask, vision, cache)
 
-    def decode(self, token_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Appends text tokens [batch, n]; returns (logits [batch, n, vocab], cache)."""
+    def decode(self, token_ids: jax.Array, cache: KVCache,
+               layers: list[nnx.Module] | None = None) -> tuple[jax.Array, KVCache]:
+        """Appends text tokens [batch, n]; returns (logits [batch, n, vocab], cache). A loop
+        of decode calls passes `layers=decoder_layers()`, split before the loop."""
         token_ids = jnp.asarray(token_ids)
         steps = token_ids.shape[1]
         positions = cache.next_position[:, None] + jnp.arange(steps, dtype=jnp.int32)
         positions = jnp.broadcast_to(positions[None], (3, *positions.shape))
         mask = jnp.ones(token_ids.shape, bool)
-        return self.forward(token_ids, positions, mask, None, cache)
+        return self.forward(token_ids, positions, mask, None, cache, layers)
 
     def prepare_inputs(self, input_ids, *, attention_mask=None, pixel_values=None,
                        image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,

@@ -20,41 +20,71 @@ from .layers import (
     make_param,
     scan_layers,
     stack_layers,
+    unstack_layers,
 )
+
+# Logical axes of the hidden states [b, s, hidden], of the stacked cache
+# [layers, b, slots, kv_heads, head_dim] and of one layer's cache [b, kv_heads, slots,
+# head_dim], pinned under a mesh (cpt_jax.sharding.constrain).
+ACTIVATION_AXES = ("batch", None, None)
+CACHE_AXES = (None, "batch", None, "kv_heads", None)
+LAYER_CACHE_AXES = ("batch", "kv_heads", None, None)
 
 
 class KVCache(NamedTuple):
     """Keys and values of every layer, with what decoding needs to continue.
 
-    k, v: [layers, batch, max_len, kv_heads, head_dim]; valid: [batch, max_len], True where a
-    slot holds a real (not padding) token; index: the next slot to write (rows are aligned: left
-    padding keeps every row's last prompt token in the same slot); next_position: [batch], the
-    M-RoPE position of the next token (text tokens use one position on all three streams).
+    k, v: [layers, batch, max_len, kv_heads, head_dim] for the scanned decoder, or a tuple of
+    one [batch, kv_heads, max_len, head_dim] array per layer for the unrolled one (heads
+    before slots: attention's products read it as it is, where XLA's CPU backend
+    transpose-copied the slot-major cache twice per layer and step, a third of the step); valid:
+    [batch, max_len], True where a slot holds a real (not padding) token; index: the next slot
+    to write (rows are aligned: left padding keeps every row's last prompt token in the same
+    slot); next_position: [batch], the M-RoPE position of the next token (text tokens use one
+    position on all three streams).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
     next_position: jax.Array
 
     @classmethod
-    def init(cls, config: TextConfig, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
-        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads,
-                 config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32),
+    def init(cls, config: TextConfig, batch: int, max_len: int, dtype: jnp.dtype, *,
+             per_layer: bool = False) -> KVCache:
+        heads, head_dim = config.num_key_value_heads, config.head_dim
+        if per_layer:
+            k, v = (tuple(jnp.zeros((batch, heads, max_len, head_dim), dtype)
+                          for _ in range(config.num_hidden_layers)) for _ in range(2))
+        else:
+            k, v = (jnp.zeros((config.num_hidden_layers, batch, max_len, heads, head_dim), dtype)
+                    for _ in range(2))
+        return cls(k, v, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32),
                    jnp.zeros((batch,), jnp.int32))
 
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, tuple)
 
-# Logical axes of the hidden states [b, s, hidden] and of the stacked cache
-# [layers, b, slots, kv_heads, head_dim], pinned under a mesh (cpt_jax.sharding.constrain).
-ACTIVATION_AXES = ("batch", None, None)
-CACHE_AXES = (None, "batch", None, "kv_heads", None)
+    def logical_axes(self) -> KVCache:
+        """The logical axis names of each array, in the cache's own structure."""
+        kv = tuple(LAYER_CACHE_AXES for _ in self.k) if self.per_layer else CACHE_AXES
+        return KVCache(kv, kv, ("batch", None), (), ("batch",))
+
+    def repeat_rows(self, times: int) -> KVCache:
+        """Each batch row `times` times in a row (one prefill shared by a group of answers)."""
+        rows = (lambda x: jnp.repeat(x, times, axis=0)) if self.per_layer else (
+            lambda x: jnp.repeat(x, times, axis=1))
+        return KVCache(jax.tree.map(rows, self.k), jax.tree.map(rows, self.v),
+                       jnp.repeat(self.valid, times, axis=0), self.index,
+                       jnp.repeat(self.next_position, times, axis=0))
 
 
 class CacheSlot(NamedTuple):
-    """The whole stacked cache as it passes through one layer, and where that layer writes.
+    """The cache as it passes through one layer, and where that layer writes: the whole
+    stacked cache and the layer's index in it (scanned), or the layer's own arrays (`layer`
+    None, unrolled).
 
     Carrying the stacked arrays through the layer scan and writing only the new tokens keeps
     the update in place, instead of rebuilding the cache from per-layer outputs every step.
@@ -62,7 +92,7 @@ class CacheSlot(NamedTuple):
 
     k: jax.Array
     v: jax.Array
-    layer: jax.Array
+    layer: jax.Array | None
     index: jax.Array
 
 
@@ -103,6 +133,14 @@ class Attention(nnx.Module):
         q = apply_rotary(self.q_proj(x), cos, sin)
         k = apply_rotary(self.k_proj(x), cos, sin)
         v = self.v_proj(x)
+        if slot is not None and slot.layer is None:  # one layer's [b, kv_heads, slots, d]
+            start = (0, 0, slot.index, 0)
+            all_k, all_v = (jax.lax.dynamic_update_slice(
+                cached, jnp.swapaxes(new, 1, 2).astype(cached.dtype), start)
+                for cached, new in ((slot.k, k), (slot.v, v)))
+            slot = slot._replace(k=all_k, v=all_v)
+            return self.o_proj(chunked_attention(q, all_k.astype(q.dtype), all_v.astype(q.dtype),
+                                                 mask, heads_major=True)), slot
         if slot is not None:
             start = (slot.layer, 0, slot.index, 0, 0)
             all_k = jax.lax.dynamic_update_slice(slot.k, k[None].astype(slot.k.dtype), start)
@@ -147,13 +185,29 @@ class TextDecoder(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens[...][input_ids].astype(self.dtype)
 
+    def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
+        """An empty cache in the layout this decoder's cached passes use: one array per layer
+        when the layers are unrolled, stacked when they are scanned."""
+        return KVCache.init(self.config, batch, max_len, dtype, per_layer=not self.scan)
+
+    def unrolled_layers(self) -> list[DecoderLayer] | None:
+        """The layers as separate modules for the unrolled cached pass (None when scanned).
+
+        A decode loop calls this once, outside the loop, and passes the result to every step:
+        split inside the loop, XLA's CPU backend copies every weight out of its stack at each
+        step (the sampler ran 12 % slower than scanned)."""
+        return None if self.scan else unstack_layers(self.layers)
+
     def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, layers: list[DecoderLayer] | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
         """embeds [b, s, hidden], positions [3, b, s], attention_mask [b, s] (True = real token).
 
         Without a cache, attention is causal over this sequence. With one, this sequence's keys
-        and values are written at `cache.index` and the queries see every valid earlier slot.
-        Returns the final-normed hidden states [b, s, hidden] and the updated cache.
+        and values are written at `cache.index` and the queries see every valid earlier slot;
+        a per-layer cache runs the layers unrolled, `layers` (`unrolled_layers()`) or else
+        this call's own split of the stacks. Returns the final-normed hidden states
+        [b, s, hidden] and the updated cache.
         """
         seq = embeds.shape[1]
         embeds = constrain(embeds, ACTIVATION_AXES)
@@ -174,17 +228,25 @@ class TextDecoder(nnx.Module):
         slots = jnp.arange(valid.shape[1])
         mask = (slots[None, :] <= index + jnp.arange(seq)[:, None])[None] & valid[:, None, :]
 
-        def cached_step(layer, carry, layer_index):
-            x, k, v = carry
-            x, slot = layer(x, cos, sin, mask, CacheSlot(k, v, layer_index, index))
-            return (constrain(x, ACTIVATION_AXES), constrain(slot.k, CACHE_AXES),
-                    constrain(slot.v, CACHE_AXES)), None
+        if cache.per_layer:
+            x, ks, vs = embeds, [], []
+            for layer, k, v in zip(layers or unstack_layers(self.layers), cache.k, cache.v,
+                                   strict=True):
+                x, slot = layer(x, cos, sin, mask, CacheSlot(k, v, None, index))
+                x = constrain(x, ACTIVATION_AXES)
+                ks.append(constrain(slot.k, LAYER_CACHE_AXES))
+                vs.append(constrain(slot.v, LAYER_CACHE_AXES))
+            k, v = tuple(ks), tuple(vs)
+        else:
+            def cached_step(layer, carry, layer_index):
+                x, k, v = carry
+                x, slot = layer(x, cos, sin, mask, CacheSlot(k, v, layer_index, index))
+                return (constrain(x, ACTIVATION_AXES), constrain(slot.k, CACHE_AXES),
+                        constrain(slot.v, CACHE_AXES)), None
 
-        # Always scanned: unrolled, XLA's CPU backend copies each layer's weights out of the
-        # stacks at every decode step (the sampler ran 12 % slower).
-        layer_indices = jnp.arange(self.config.num_hidden_layers)
-        (x, k, v), _ = scan_layers(self.layers, cached_step, (embeds, cache.k, cache.v),
-                                   layer_indices, remat=self.remat)
+            layer_indices = jnp.arange(self.config.num_hidden_layers)
+            (x, k, v), _ = scan_layers(self.layers, cached_step, (embeds, cache.k, cache.v),
+                                       layer_indices, remat=self.remat)
         last = jnp.max(jnp.where(attention_mask, positions.max(axis=0), -1), axis=-1)
         cache = KVCache(k, v, valid, index + seq, jnp.maximum(last + 1, cache.next_position))
         return self.norm(x), cache
