@@ -43,6 +43,7 @@ from cpt_jax.data.sources import load_source
 from cpt_jax.data.tasks import SYNTHETIC_STAGES, reward_fn
 from cpt_jax.data.tokenizer import task_tokenizer
 from cpt_jax.experiments.learnability import (
+    CPU_MODEL_OPTIONS,
     OPTIONS,
     evaluate_task,
     git_commit,
@@ -199,11 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     if args.init is not None:
-        model, tokenizer = from_pretrained(args.init), AutoTokenizer.from_pretrained(args.init)
+        model = from_pretrained(args.init, **CPU_MODEL_OPTIONS)
+        tokenizer = AutoTokenizer.from_pretrained(args.init)
     else:
         config = preset(args.preset)
         tokenizer = task_tokenizer(config, data_dir)
-        model = Qwen2_5_VL(config, rngs=nnx.Rngs(args.seed))
+        model = Qwen2_5_VL(config, **CPU_MODEL_OPTIONS, rngs=nnx.Rngs(args.seed))
     task = args.task
     train = load_source(task, "train", data_dir=data_dir)
     measure = Measure(tokenizer, data_dir, task, args)
@@ -222,7 +224,7 @@ def _run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     checkpoint = args.out / "sft_checkpoint"
     save_pretrained(model, checkpoint)
     tokenizer.save_pretrained(checkpoint)
-    model = from_pretrained(checkpoint)
+    model = from_pretrained(checkpoint, **CPU_MODEL_OPTIONS)
     results["sft"] = measure(model, "after SFT")
     return _grpo_phase(model, tokenizer, train, task, args, measure, results)
 
