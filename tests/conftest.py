@@ -22,3 +22,13 @@ def pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(variant.name)
     reference.save_pretrained(path)
     return variant, reference, from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def scanned_and_unrolled(tmp_path_factory):
+    """One checkpoint (three layers, four query heads per KV head) loaded twice: with scanned
+    layers and with unrolled ones (whose KV cache is one array per layer)."""
+    variant = max(VARIANTS, key=lambda v: v.layers)
+    path = tmp_path_factory.mktemp(f"{variant.name}-unrolled")
+    hf_model(variant).save_pretrained(path)
+    return from_pretrained(path), from_pretrained(path, scan_layers=False)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from flax import nnx
 from qwen_reference import multimodal_batch
-
-from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL
 
 TOLERANCE = 1e-4
 
@@ -67,12 +64,10 @@ def test_decode_positions_continue_after_rope_delta(pair):
                                   np.asarray(positions).max(axis=(0, 2)) + 1)
 
 
-def test_an_unrolled_model_decodes_with_one_cache_array_per_layer(pair):
+def test_an_unrolled_model_decodes_with_one_cache_array_per_layer(scanned_and_unrolled):
     """Prefill + one-token steps of the unrolled model (per-layer cache, layers split once and
     passed to every step) equal the full forward, as the scanned model's do."""
-    _, _, model = pair
-    unrolled = Qwen2_5_VL(model.config, scan_layers=False, rngs=nnx.Rngs(0))
-    nnx.update(unrolled, nnx.state(model))
+    model, unrolled = scanned_and_unrolled
     steps = 3
     batch, continuation = _prompt_and_continuation(steps)
     prompt_len = batch.input_ids.shape[1]

@@ -277,18 +277,10 @@ def test_nucleus_equals_the_sorted_cumulative_definition(top_p):
     assert (mass >= top_p - 1e-6).all() and (mass - smallest < top_p + 1e-6).all()
 
 
-def _unrolled(model: Qwen2_5_VL) -> Qwen2_5_VL:
-    """The same weights in a model whose layers run unrolled (its cache one array per layer)."""
-    unrolled = Qwen2_5_VL(model.config, scan_layers=False, rngs=nnx.Rngs(0))
-    nnx.update(unrolled, nnx.state(model))
-    return unrolled
-
-
-def test_an_unrolled_model_samples_what_the_scanned_one_does(pair, monkeypatch):
+def test_an_unrolled_model_samples_what_the_scanned_one_does(scanned_and_unrolled, monkeypatch):
     """Same key, same answers and log-probs; the stacked layer weights are split once per
     rollout (before the decode loop), not once per cached pass."""
-    _, _, model = pair
-    unrolled = _unrolled(model)
+    model, unrolled = scanned_and_unrolled
     splits: list[int] = []
     unstack = text_module.unstack_layers
 
