@@ -307,8 +307,10 @@ def write_readme(path: Path, results: dict[str, Any]) -> None:
     weight, warmup = results.get("caption_weight", 0), results.get("caption_warmup", 0)
     captions = f", and {weight} syn_caption batches per round of seven" if weight else ""
     first = f"the first {warmup} steps on syn_caption alone, then " if warmup else ""
-    per_batch = ("every batch drawn from all seven shuffled together"
-                 if results.get("mixed_batches") else "one task per batch")
+    mixed = results.get("mixed_batches")
+    per_batch = ("every batch drawn from all seven shuffled together" if mixed
+                 else "one task per batch")
+    order = "the" if mixed else "the round-robin"
     blind_column, blind_rule = "", ""
     if blind:
         blind_column = " blind-trained |"
@@ -317,7 +319,7 @@ def write_readme(path: Path, results: dict[str, Any]) -> None:
     text = f"""# Synthetic benchmark: learnability by the `{results['preset']}` model
 
 - Command: `{results['command']}` (commit `{results['commit']}`).
-- Training: SFT with {first}the round-robin mixture of the seven stage tasks' train splits
+- Training: SFT with {first}{order} mixture of the seven stage tasks' train splits
   ({per_batch}{captions}), batch {results['batch_size']}, {results['steps']} steps, \
 AdamW lr {results['learning_rate']:g} (vision tower x{results.get('vision_lr_scale', 1.0):g}) \
 with warm-up {results.get('warmup_ratio', 0.1):g} and cosine decay, {results['dtype']} compute;
