@@ -37,7 +37,7 @@ class KVCache(NamedTuple):
     k, v: [layers, batch, max_len, kv_heads, head_dim] for the scanned decoder, or a tuple of
     one [batch, kv_heads, max_len, head_dim] array per layer for the unrolled one (heads
     before slots: attention's products read it as it is, where XLA's CPU backend
-    transpose-copied the slot-major cache twice per layer and step, a third of the step); valid:
+    transpose-copied the slot-major cache twice per layer and step, a quarter of the step); valid:
     [batch, max_len], True where a slot holds a real (not padding) token; index: the next slot
     to write (rows are aligned: left padding keeps every row's last prompt token in the same
     slot); next_position: [batch], the M-RoPE position of the next token (text tokens use one
