@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -74,8 +75,7 @@ class KVCache(NamedTuple):
 
     def repeat_rows(self, times: int) -> KVCache:
         """Each batch row `times` times in a row (one prefill shared by a group of answers)."""
-        rows = (lambda x: jnp.repeat(x, times, axis=0)) if self.per_layer else (
-            lambda x: jnp.repeat(x, times, axis=1))
+        rows = functools.partial(jnp.repeat, repeats=times, axis=0 if self.per_layer else 1)
         return KVCache(jax.tree.map(rows, self.k), jax.tree.map(rows, self.v),
                        jnp.repeat(self.valid, times, axis=0), self.index,
                        jnp.repeat(self.next_position, times, axis=0))
