@@ -23,6 +23,7 @@ def _plan(name: str, topology: str, devices: int, programs: list[str],
 
 
 @pytest.mark.tpu_compile
+@pytest.mark.paper_compile
 def test_7b_grpo_fits_a_v5p_8():
     report = _plan("qwen2_5_vl_7b_grpo.yaml", "v5p:2x2x1", 4, ["grpo_update"])
     assert report["devices"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tp": 1}
@@ -36,6 +37,7 @@ def test_7b_grpo_fits_a_v5p_8():
 
 
 @pytest.mark.tpu_compile
+@pytest.mark.paper_compile
 def test_7b_sft_fits_a_v5p_8():
     report = _plan("qwen2_5_vl_7b_sft.yaml", "v5p:2x2x1", 4, ["sft_step"])
     assert report["fits"], table(report)
@@ -43,6 +45,7 @@ def test_7b_sft_fits_a_v5p_8():
 
 
 @pytest.mark.tpu_compile
+@pytest.mark.paper_compile
 @pytest.mark.parametrize("name,program", [("qwen2_5_vl_3b_grpo.yaml", "grpo_update"),
                                           ("qwen2_5_vl_3b_sft.yaml", "sft_step")])
 def test_3b_fits_a_v5e_8(name, program):
@@ -53,6 +56,7 @@ def test_3b_fits_a_v5e_8(name, program):
 
 
 @pytest.mark.tpu_compile
+@pytest.mark.paper_compile
 def test_compiles_for_a_two_host_slice():
     """v5p:2x2x2 spans two hosts: the 7B's decode step over the group-expanded KV cache, with
     the weights sharded across both hosts' chips."""
