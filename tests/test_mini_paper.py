@@ -4,13 +4,18 @@ results.json files; run again, it resumes instead of starting over."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 
 import pytest
 
+from cpt_jax.config import load_run_config
+from cpt_jax.data.tasks import NO_COT_SUFFIX, SYNTHETIC_PRETRAIN
+from cpt_jax.data.tokenizer import task_tokenizer
 from cpt_jax.experiments import mini_paper
 from cpt_jax.experiments.mini_paper_report import LABELS
+from cpt_jax.models.qwen2_5_vl import preset
 
 
 def _cells(readme: str, label: str) -> list[str]:
@@ -26,6 +31,39 @@ def _percent(values: list[float]) -> str:
     mean = 100 * statistics.fmean(values)
     return f"{mean:.1f}" if len(values) == 1 else (
         f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}")
+
+
+def test_base_mixture_warms_up_on_captions_then_alternates_cot_and_no_cot(tmp_path):
+    """The base sees both prompt forms (so the no-CoT run starts from a model that knows its
+    prompt), each batch mixing tasks, and only rows the stages never use."""
+    scale = mini_paper.QUICK
+    mini_paper.build_data(tmp_path, scale)
+    config = load_run_config(mini_paper.CONFIGS / "common.yaml", scale.overrides())
+    tokenizer = task_tokenizer(preset(scale.preset), tmp_path, mini_paper.BASE_TASKS
+                               + SYNTHETIC_PRETRAIN)
+    batches = mini_paper.base_mixture(tokenizer, tmp_path, config, scale, seed=0)
+    texts = []
+    for batch in itertools.islice(batches, scale.caption_warmup + 40):
+        rows = [tokenizer.decode(ids[ids != tokenizer.pad_token_id]) for ids in
+                batch["input_ids"]]
+        texts.append(rows)
+    caption = "Describe the image"
+    for rows in texts[:scale.caption_warmup]:
+        assert all(caption in r for r in rows)
+    forms = []
+    for rows in texts[scale.caption_warmup:]:
+        no_cot = [NO_COT_SUFFIX.strip() in r for r in rows]
+        assert len(set(no_cot)) == 1, rows  # one prompt form per batch
+        forms.append(no_cot[0])
+        if no_cot[0]:
+            assert all("<think>" not in r.split("assistant", 1)[1] for r in rows)
+        else:
+            assert all("\\boxed{" in r.split("assistant", 1)[1] for r in rows)
+    assert forms == [False, True] * 20
+    questions = [r for rows in texts[scale.caption_warmup:] for r in rows]
+    assert sum(caption in r for r in questions) == 16  # one CoT batch in ten, batch 8
+    for task in ("Is there a", "What is", "What word"):  # pope, arith and ocr rows all appear
+        assert any(task in r for r in questions), task
 
 
 @pytest.mark.slow
@@ -59,8 +97,8 @@ def test_quick_variant_runs_everything_and_reports_the_runs_numbers(tmp_path):
     for task, row in base["tasks"].items():
         line = next(x for x in base_section.splitlines() if x.startswith(f"| {task} |"))
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        assert cells[3:] == [f"{100 * row[k]:.1f}" for k in ("greedy", "pass@1", "pass@8")] + [
-            str(row["n"])], task
+        assert cells[3:] == [f"{100 * row[k]:.1f}" for k in (
+            "greedy", "pass@1", "pass@8", "greedy_no_cot")] + [str(row["n"])], task
         assert row["pass@1"] <= row["pass@8"]
     assert (out / "summary.png").stat().st_size > 0 and (out / "general.png").stat().st_size > 0
     assert "commit `" in readme and "--quick" in readme

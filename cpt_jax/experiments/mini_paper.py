@@ -6,11 +6,12 @@ KL, without chain of thought) over the seven synthetic stages, from one base mod
 
 1. Data: the synthetic benchmark, built once into `<work>/data`.
 2. A base model: the `mini` preset trained from scratch with SFT on a base mixture (syn_caption
-   first, then round-robin batches of the seven stage tasks, syn_caption and the two general
-   tasks), every target in the answer form `<think>...</think> \\boxed{answer}` after the
-   chain-of-thought prompt, on training rows the stages never use. Saved as a Hugging Face
-   folder (`<work>/base`); its greedy accuracy, pass@1 and pass@8 (8 answers at temperature 1)
-   per task go to `<out>/base.json`.
+   first, then batches that mix the seven stage tasks and the two general tasks), on training
+   rows the stages never use; every other batch has the chain-of-thought prompt and the target
+   `<think>...</think> \\boxed{answer}`, the others the no-CoT prompt and the bare answer, so
+   that both prompt forms (the no-CoT run's too) start from a model that knows them. Saved as
+   a Hugging Face folder (`<work>/base`); its greedy accuracy (both prompts), pass@1 and pass@8
+   (8 answers at temperature 1) per task go to `<out>/base.json`.
 3. The runs: `python -m cpt_jax.train --config configs/mini_paper/<run>.yaml` from the base, as
    subprocesses (`--jobs` at a time, each on its own core where the OS allows), with a shared
    JAX compilation cache; `--seeds` seeds for SFT and GRPO sequential, one for the others.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -94,7 +96,7 @@ class Scale:
 # The `mini` preset: `small` does not learn to read the synthetic images from scratch in a CPU
 # budget (reports/synthetic_learnability); quick: the `tiny` one, which only shows the loop.
 FULL = Scale(preset="mini", train_rows=1024, run_rows=96, test_rows=64, eval_batch=32,
-             base_steps=1500, caption_warmup=300)
+             base_steps=2000, caption_warmup=300)
 QUICK = Scale(preset="tiny", train_rows=40, run_rows=16, test_rows=8, eval_batch=8,
               base_steps=8, caption_warmup=2, stages=3)
 
@@ -141,13 +143,24 @@ def build_data(data_dir: Path, scale: Scale) -> None:
 
 def base_mixture(tokenizer: PreTrainedTokenizerBase, data_dir: Path, config: RunConfig,
                  scale: Scale, *, seed: int) -> Iterator[dict[str, np.ndarray]]:
-    """SFT batches for the base: `caption_warmup` syn_caption batches, then round-robin one
-    batch of each stage task, each general task and syn_caption, from the training rows after
-    the first `run_rows` (the stages' rows are never seen by the base)."""
-    return learnability.mixture(
-        tokenizer, data_dir, batch_size=scale.batch_size, seed=seed, tasks=BASE_TASKS,
-        caption_weight=1, caption_warmup=scale.caption_warmup, options=encode_options(config),
-        response_template=config.sft.response_template, skip_rows=scale.run_rows)
+    """SFT batches for the base: `caption_warmup` syn_caption batches, then, alternately, a
+    chain-of-thought batch (the answer in `config.sft.response_template`; one in ten of these
+    is syn_caption) and a no-CoT batch (the bare answer). Each batch mixes rows of every stage
+    and general task, from the training rows after the first `run_rows`, which the stages use.
+    Mixed batches: with one task per batch, `mini` kept only the tasks of its last few hundred
+    steps (reports/synthetic_learnability)."""
+    options = encode_options(config)
+    common = dict(batch_size=scale.batch_size, tasks=BASE_TASKS, skip_rows=scale.run_rows,
+                  mixed=True)
+    cot = learnability.mixture(
+        tokenizer, data_dir, seed=seed, caption_weight=1, caption_warmup=scale.caption_warmup,
+        options=dataclasses.replace(options, cot=True),
+        response_template=config.sft.response_template, **common)
+    no_cot = learnability.mixture(tokenizer, data_dir, seed=seed + 1,
+                                  options=dataclasses.replace(options, cot=False), **common)
+    yield from itertools.islice(cot, scale.caption_warmup)
+    for pair in zip(cot, no_cot, strict=True):
+        yield from pair
 
 
 def train_base(work: Path, config: RunConfig, scale: Scale, *, seed: int = 0) -> dict[str, Any]:
@@ -161,7 +174,7 @@ def train_base(work: Path, config: RunConfig, scale: Scale, *, seed: int = 0) ->
     tokenizer = task_tokenizer(model_config, data_dir, SYNTHETIC_STAGES + SYNTHETIC_PRETRAIN
                                + SYNTHETIC_GENERAL)
     model = Qwen2_5_VL(model_config, dtype=jnp.float32, param_dtype=jnp.float32,
-                       rngs=nnx.Rngs(seed))
+                       **learnability.CPU_MODEL_OPTIONS, rngs=nnx.Rngs(seed))
     started = time.perf_counter()
     model, losses, per_step = learnability.train(
         model, base_mixture(tokenizer, data_dir, config, scale, seed=seed),
@@ -176,7 +189,8 @@ def train_base(work: Path, config: RunConfig, scale: Scale, *, seed: int = 0) ->
     record = {"preset": config.model.preset, "steps": scale.base_steps,
               "caption_warmup": scale.caption_warmup, "learning_rate": scale.base_lr,
               "vision_lr_scale": scale.vision_lr_scale, "batch_size": scale.batch_size,
-              "response_template": config.sft.response_template,
+              "response_template": config.sft.response_template, "mixed_batches": True,
+              "no_cot_share": 0.5,
               "seconds": time.perf_counter() - started, "seconds_per_step": per_step,
               "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:]))}
     record_path.write_text(json.dumps(record, indent=2) + "\n")
@@ -185,8 +199,10 @@ def train_base(work: Path, config: RunConfig, scale: Scale, *, seed: int = 0) ->
 
 def evaluate_base(work: Path, config: RunConfig, scale: Scale) -> dict[str, Any]:
     """Greedy accuracy, pass@1 and pass@8 (8 answers at temperature 1) per task on the test
-    rows the runs evaluate, with the chain-of-thought prompt and reward."""
-    model = from_pretrained(work / "base", dtype=jnp.float32, param_dtype=jnp.float32)
+    rows the runs evaluate, with the chain-of-thought prompt and reward; and greedy accuracy
+    with the no-CoT prompt and reward (where the no-CoT run starts)."""
+    model = from_pretrained(work / "base", dtype=jnp.float32, param_dtype=jnp.float32,
+                            **learnability.CPU_MODEL_OPTIONS)
     tokenizer = AutoTokenizer.from_pretrained(work / "base")
     states = nnx.split(model, nnx.Param, ...)[1:]
     options = encode_options(config)
@@ -200,15 +216,20 @@ def evaluate_base(work: Path, config: RunConfig, scale: Scale) -> dict[str, Any]
         greedy = evaluate_task(model, states, source, task=task, tokenizer=tokenizer,
                                sample=sample, batch_size=config.eval.batch_size,
                                options=options)
+        no_cot = evaluate_task(model, states, source, task=task, tokenizer=tokenizer,
+                               sample=sample, batch_size=config.eval.batch_size,
+                               options=dataclasses.replace(options, cot=False))
         passes = count_passes(model, states, source, task=task, tokenizer=tokenizer,
                               score_fn=reward_fn(task, cot=True), sampling=sampling,
                               batch_size=config.rif.batch_size, options=options,
                               key=jax.random.key(1000 + i), stop_ids=turn_stop_ids(tokenizer))
         counts = np.asarray(list(passes.counts.values()))
-        tasks[task] = {"greedy": greedy.accuracy, "pass@1": float(counts.mean() / PASS_SAMPLES),
+        tasks[task] = {"greedy": greedy.accuracy, "greedy_no_cot": no_cot.accuracy,
+                       "pass@1": float(counts.mean() / PASS_SAMPLES),
                        f"pass@{PASS_SAMPLES}": float(np.mean(counts > 0)), "n": greedy.n,
                        "samples": greedy.samples}
-        print(f"  base {task:18s} greedy {greedy.accuracy:.3f} pass@1 "
+        print(f"  base {task:18s} greedy {greedy.accuracy:.3f} (no CoT {no_cot.accuracy:.3f}) "
+              f"pass@1 "
               f"{tasks[task]['pass@1']:.3f} pass@8 {tasks[task]['pass@8']:.3f}", flush=True)
     return tasks
 

@@ -251,7 +251,8 @@ def write_report(out: Path, run_names: Sequence[str], *, command: str, commit: s
     training = base["training"]
     base_rows = "\n".join(
         f"| {task} | {get_task(task).paper_task} | {get_task(task).role} | "
-        f"{100 * r['greedy']:.1f} | {100 * r['pass@1']:.1f} | {100 * r['pass@8']:.1f} | {r['n']} |"
+        f"{100 * r['greedy']:.1f} | {100 * r['pass@1']:.1f} | {100 * r['pass@8']:.1f} | "
+        f"{100 * r['greedy_no_cot']:.1f} | {r['n']} |"
         for task, r in base["tasks"].items())
     matrices = "\n\n".join(
         f"**{LABELS.get(method, method)}** (mean of {len(m['runs'])} run"
@@ -267,11 +268,12 @@ def write_report(out: Path, run_names: Sequence[str], *, command: str, commit: s
   {seconds / 60:.1f} min (runs it found finished are not counted again).
 - Base model: the `{training['preset']}` preset trained from scratch, {training['steps']} SFT
   steps of batch {training['batch_size']} ({training['caption_warmup']} on syn_caption alone,
-  then round-robin over the seven stage tasks, syn_caption and the two general tasks, on
-  training rows no stage uses), AdamW lr {training['learning_rate']:g} (vision tower
-  x{training['vision_lr_scale']:g}), every target in the form
-  `{training['response_template'].format(answer='ANSWER')}`;
-  {training['seconds'] / 60:.1f} min.
+  then batches that each mix the seven stage tasks and the two general tasks, on training rows
+  no stage uses, with one syn_caption batch in twenty), AdamW lr
+  {training['learning_rate']:g} (vision tower x{training['vision_lr_scale']:g}); every other
+  batch has the chain-of-thought prompt and targets of the form
+  `{training['response_template'].format(answer='ANSWER')}`, the others the no-CoT prompt and
+  the bare answer; {training['seconds'] / 60:.1f} min.
 - Runs: `configs/mini_paper/<run>.yaml` from the base, {stages} stages in the paper's order
   (one epoch each over the stage's first training rows; multi-task: one stage over all of
   them). Accuracy: greedy decoding, the chain-of-thought reward's accuracy (the boxed answer
@@ -281,10 +283,11 @@ def write_report(out: Path, run_names: Sequence[str], *, command: str, commit: s
 
 ## Base model
 
-Greedy accuracy, and pass@1 / pass@8 of 8 answers sampled at temperature 1, per task:
+Greedy accuracy, and pass@1 / pass@8 of 8 answers sampled at temperature 1, per task, with the
+chain-of-thought prompt and reward; and greedy accuracy with the no-CoT prompt and reward:
 
-| task | paper analogue | role | greedy | pass@1 | pass@8 | n |
-|---|---|---|---|---|---|---|
+| task | paper analogue | role | greedy | pass@1 | pass@8 | greedy, no CoT | n |
+|---|---|---|---|---|---|---|---|
 {base_rows}
 
 ## Main table
