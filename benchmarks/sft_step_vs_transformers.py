@@ -118,9 +118,10 @@ def split_rows(data: dict, micro_batches: int) -> list[dict]:
 
 
 def step_flops(cfg, data: dict) -> float:
-    """Model FLOPs of one train step: 3 x the forward over the real tokens and patches."""
+    """Model FLOPs of one train step: 3 x the forward over the real tokens and patches, the
+    output head at the positions that predict a response token (what the loss needs)."""
     frames = [data["patches_per_image"]] * len(data["input_ids"])
-    return 3 * (text_forward_flops(cfg.text, data["lengths"])
+    return 3 * (text_forward_flops(cfg.text, data["lengths"], data["responses"])
                 + vision_forward_flops(cfg.vision, frames))
 
 

@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from cpt_jax.models.qwen2_5_vl.config import TextConfig, VisionConfig
 
 
-def text_params_per_token(text: TextConfig) -> int:
-    """Decoder parameters that multiply each token: the layers and the output head (the
-    embedding lookup is no matmul)."""
+def text_params_per_token(text: TextConfig, *, head: bool = True) -> int:
+    """Decoder parameters that multiply each token: the layers and (with `head`) the output
+    head (the embedding lookup is no matmul)."""
     h, i = text.hidden_size, text.intermediate_size
     head_dim = h // text.num_attention_heads
     attention = h * h * 2 + 2 * h * text.num_key_value_heads * head_dim
-    return text.num_hidden_layers * (attention + 3 * h * i) + h * text.vocab_size
+    return text.num_hidden_layers * (attention + 3 * h * i) + (h * text.vocab_size if head else 0)
 
 
 def vision_params_per_patch(vision: VisionConfig) -> int:
@@ -32,13 +32,17 @@ def vision_params_per_patch(vision: VisionConfig) -> int:
     return int(vision.patch_dim * h + vision.depth * (4 * h * h + 3 * h * i) + merger)
 
 
-def text_forward_flops(text: TextConfig, lengths: Sequence[int]) -> float:
+def text_forward_flops(text: TextConfig, lengths: Sequence[int],
+                       head_positions: Sequence[int] | None = None) -> float:
     """A forward pass over rows of these real lengths (every position attends the whole row,
-    as PaLM counts, without halving for the causal mask)."""
+    as PaLM counts, without halving for the causal mask), with the output head at
+    `head_positions` positions of each row (default: all; an SFT loss needs only the ones
+    that predict its response tokens)."""
     width = text.num_attention_heads * (text.hidden_size // text.num_attention_heads)
-    per_token = 2 * text_params_per_token(text)
+    per_token = 2 * text_params_per_token(text, head=False)
+    heads = lengths if head_positions is None else head_positions
     return float(sum(per_token * n + 4 * text.num_hidden_layers * width * n * n
-                     for n in lengths))
+                     for n in lengths) + 2 * text.hidden_size * text.vocab_size * sum(heads))
 
 
 def vision_forward_flops(vision: VisionConfig, frames: Sequence[int]) -> float:

@@ -291,7 +291,7 @@ class Planner:
             found["prefill"] = lambda: (self._prefill(), (states, self.prompts()))
             found["decode_step"] = lambda: (self._decode(), (states, self._cache()))
             found["logprobs"] = lambda: (
-                logprob_program(self.model, grpo.temperature),
+                logprob_program(self.model, grpo.temperature, grpo.max_new_tokens),
                 (states, _without_update_keys(self.update_batch()[0])))
             found["grpo_update"] = lambda: (
                 make_grpo_update(self.model, self.optimizer("grpo"), grpo),

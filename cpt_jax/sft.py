@@ -30,7 +30,8 @@ from cpt_jax.sharding import constrain_state
 
 Batch = dict[str, Any]
 """Jit inputs: input_ids [b, s], positions [3, b, s], attention_mask [b, s], loss_mask [b, s],
-vision (VisionInputs or None); stacked on a leading micro-batch axis for the step."""
+loss_positions [b, w] (`loss_windows`), vision (VisionInputs or None); stacked on a leading
+micro-batch axis for the step."""
 
 
 @struct.dataclass
@@ -60,15 +61,21 @@ def _token_sums(model: Qwen2_5_VL, batch: Batch) -> dict[str, jax.Array]:
     """Summed cross-entropy, correct predictions and count over the batch's response tokens.
 
     The logits at t predict the id at t+1, so the target of position t is input_ids[t+1] and
-    its weight loss_mask[t+1]; the last position predicts nothing. float32 throughout, with
-    log-softmax as logsumexp minus the target logit, the vocabulary projection taken a chunk
-    of positions at a time (`per_position`).
+    its weight loss_mask[t+1]; the last position predicts nothing. Logits are computed only at
+    the batch's `loss_positions` (each row's response window, `loss_windows`): a prompt of
+    image tokens needs no vocabulary projection. float32 throughout, with log-softmax as
+    logsumexp minus the target logit, the projection taken a chunk of positions at a time
+    (`per_position`).
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
     hidden, _ = model.hidden_states(ids, batch["positions"], mask, batch["vision"])
     targets = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))
     weights = (batch["loss_mask"][:, 1:] * mask[:, 1:]).astype(jnp.float32)
     weights = jnp.pad(weights, ((0, 0), (0, 1)))
+    # Only the positions that predict a response token reach the vocabulary projection.
+    window = batch["loss_positions"]
+    hidden = jnp.take_along_axis(hidden, window[..., None], axis=1)
+    targets, weights = (jnp.take_along_axis(x, window, axis=1) for x in (targets, weights))
 
     def stats(logits: jax.Array, chunk_targets: jax.Array) -> tuple[jax.Array, jax.Array]:
         # The target is predicted when its logit is the largest: a max, not an argmax (whose
@@ -188,7 +195,30 @@ def stack_micro_batches(batches: Sequence[dict[str, np.ndarray]],
     patches = max((b["pixel_values"].shape[0] for b in batches if len(b["image_grid_thw"])),
                   default=None)
     prepared = [_prepare(b, model, length, patches) for b in batches]
+    windows = loss_windows(np.concatenate([p["loss_mask"] for p in prepared]))
+    for p, rows in zip(prepared, np.split(windows, len(prepared)), strict=True):
+        p["loss_positions"] = rows
     return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *prepared)
+
+
+MIN_LOSS_WINDOW = 32
+
+
+def loss_windows(loss_mask: np.ndarray) -> np.ndarray:
+    """Per row, the positions whose logits the loss needs: int32 [rows, W], consecutive, from
+    the position before the row's first response token, W the longest response span rounded up
+    to a power of two (at least MIN_LOSS_WINDOW, at most the row length), so that a step
+    compiles once per (length, window) bucket. A window that would run past the row's end
+    starts earlier; a row without response tokens gets the first W positions (weight 0)."""
+    rows, length = loss_mask.shape
+    has_loss = loss_mask.any(axis=1)
+    first = np.where(has_loss, loss_mask.argmax(axis=1), 1)
+    last = np.where(has_loss, length - 1 - loss_mask[:, ::-1].argmax(axis=1), 1)
+    start = np.maximum(first, 1) - 1  # token 0 is never a target
+    span = int(np.max(last - start, initial=1))
+    width = min(length, max(MIN_LOSS_WINDOW, 1 << (span - 1).bit_length()))
+    start = np.minimum(start, length - width)
+    return (start[:, None] + np.arange(width)[None, :]).astype(np.int32)
 
 
 def _prepare(batch: dict[str, np.ndarray], model: Qwen2_5_VL, length: int,

@@ -115,8 +115,9 @@ def shard_state(state: nnx.State, mesh: Mesh,
 
 # Where the batch (rows) axis sits in each array of a step's stacked batch
 # ([micro_batches, rows, ...]; positions are [micro_batches, 3, rows, length]).
-BATCH_AXIS = {"input_ids": 1, "attention_mask": 1, "loss_mask": 1, "response_mask": 1,
-              "old_logprobs": 1, "ref_logprobs": 1, "advantages": 1, "positions": 2}
+BATCH_AXIS = {"input_ids": 1, "attention_mask": 1, "loss_mask": 1, "loss_positions": 1,
+              "response_mask": 1, "old_logprobs": 1, "ref_logprobs": 1, "advantages": 1,
+              "positions": 2}
 
 
 def batch_shardings(batch: dict, mesh: Mesh) -> dict:

@@ -73,8 +73,8 @@ def test_update_batch_logprobs_equal_the_sampler(data_dir, tokenizer):
     batch = training_batch(groups, model, prompt_length=384, rows_per_micro_batch=4,
                            min_patches=256, pad_id=CONFIG.pad_token_id)
     assert batch["input_ids"].shape == (2, 4, 390)
-    logprobs = np.asarray(make_logprob_fn(model, GRPO.temperature)((state.params, state.rest),
-                                                                   batch))
+    logprob_fn = make_logprob_fn(model, GRPO.temperature, GRPO.max_new_tokens)
+    logprobs = np.asarray(logprob_fn((state.params, state.rest), batch))
     mask = batch["response_mask"].astype(bool)
     diff = np.abs(logprobs - batch["sampler_logprobs"])[mask].max()
     print(f"max |update batch - sampler log-prob| = {diff:.2e} over {mask.sum()} tokens")

@@ -112,6 +112,51 @@ def test_the_loss_in_chunks_of_positions_equals_the_whole_sequence(monkeypatch):
         np.testing.assert_allclose(got, want, atol=1e-6 * (1 + np.abs(want).max()))
 
 
+def test_loss_windows_cover_every_response_token():
+    mask = np.zeros((4, 200), np.int32)
+    mask[0, 40:45] = 1    # 5 tokens: predicted from positions 39..43
+    mask[1, 190:200] = 1  # at the end: the window starts earlier to stay inside the row
+    mask[2, 10:47] = 1   # the longest, 37 tokens: windows of 64
+    windows = sft.loss_windows(mask)  # row 3 has no response
+    assert windows.shape == (4, 64) and windows.dtype == np.int32
+    assert np.all(np.diff(windows, axis=1) == 1) and windows.min() >= 0 and windows.max() < 200
+    for row in range(3):
+        needed = np.flatnonzero(mask[row]) - 1
+        assert np.isin(needed, windows[row]).all(), row
+    assert windows[0, 0] == 39 and windows[1, -1] == 199 and windows[3, 0] == 0
+    assert sft.loss_windows(mask[:1]).shape == (1, sft.MIN_LOSS_WINDOW)
+    assert sft.loss_windows(mask[:, :20]).shape == (4, 20)  # never wider than the row
+
+
+def test_the_loss_over_response_windows_equals_every_position(monkeypatch):
+    """Long prompts, short answers: the logits at the response windows alone (32 of 160
+    positions) give the loss, accuracy and gradients of the logits at every position."""
+    rng = np.random.default_rng(5)
+    batch = _batch([_example(rng, 3, (1, 4, 4), prompt=120), _example(rng, 7, None, prompt=60),
+                    _example(rng, 30, None, prompt=100)],
+                   options=EncodeOptions(length_buckets=(160,), min_patches=16))
+    model = _model()
+    graphdef, params = nnx.split(model)
+
+    def loss_and_grads():
+        inputs = jax.tree.map(lambda x: x[0], stack_micro_batches([batch], model))
+
+        def loss(params):
+            return sft_loss(nnx.merge(graphdef, params), inputs)
+        return inputs, jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    windowed, ((loss, metrics), grads) = loss_and_grads()
+    assert windowed["loss_positions"].shape == (3, 32) and windowed["input_ids"].shape[1] == 160
+    monkeypatch.setattr(sft, "MIN_LOSS_WINDOW", 1024)
+    every, ((want, want_metrics), want_grads) = loss_and_grads()
+    np.testing.assert_array_equal(every["loss_positions"][0], np.arange(160))
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+    assert float(metrics["tokens"]) == float(want_metrics["tokens"]) == 3 + 7 + 30
+    assert float(metrics["accuracy"]) == float(want_metrics["accuracy"])
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-6 * (1 + np.abs(expected).max()))
+
+
 def test_accumulated_micro_batches_equal_one_big_batch():
     """2 micro-batches of 2 rows == 1 batch of 4 rows: the same token-mean gradient.
 

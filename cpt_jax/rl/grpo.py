@@ -90,32 +90,36 @@ class GRPOConfig:
                              f"mini-batch of {rows} answers")
 
 
-def token_logprobs(model: Qwen2_5_VL, batch: UpdateBatch, temperature: float
-                   ) -> tuple[jax.Array, jax.Array]:
-    """log softmax(logits / temperature) of every token given the ones before it, and the
-    entropy of that distribution: [b, L] each, entry t for token t (entry 0 is 0)."""
-    hidden, _ = model.hidden_states(batch["input_ids"], batch["positions"],
-                                    batch["attention_mask"], batch["vision"])
+def token_logprobs(model: Qwen2_5_VL, batch: UpdateBatch, temperature: float,
+                   answer_length: int) -> tuple[jax.Array, jax.Array]:
+    """log softmax(logits / temperature) of each answer token given the tokens before it, and
+    the entropy of that distribution: [b, L] each, entry t for token t, 0 outside the answer
+    (`training_batch`'s layout: the answer is the last `answer_length` columns). Only the
+    answer's positions reach the vocabulary projection."""
+    ids = batch["input_ids"]
+    hidden, _ = model.hidden_states(ids, batch["positions"], batch["attention_mask"],
+                                    batch["vision"])
     scale = 1.0 / (temperature if temperature > 0 else 1.0)
 
     def stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = logits * scale
         return target_logprobs(logits, targets), algorithms.entropy_from_logits(logits)
 
-    logprobs, entropy = per_position(model, hidden[:, :-1], batch["input_ids"][:, 1:], stats)
-    pad = ((0, 0), (1, 0))
+    start = ids.shape[1] - answer_length
+    logprobs, entropy = per_position(model, hidden[:, start - 1:-1], ids[:, start:], stats)
+    pad = ((0, 0), (start, 0))
     return jnp.pad(logprobs, pad), jnp.pad(entropy, pad)
 
 
-def make_logprob_fn(model: nnx.Module, temperature: float
+def make_logprob_fn(model: nnx.Module, temperature: float, answer_length: int
                     ) -> Callable[[Sequence[nnx.State], UpdateBatch], jax.Array]:
     """`fn(states, batch) -> logprobs [M, m, L]` over stacked micro-batches, one jitted program
     (for the old policy's and the reference model's log-probs; no gradients)."""
-    fn = logprob_program(model, temperature)
+    fn = logprob_program(model, temperature, answer_length)
     return lambda states, batch: fn(tuple(states), batch)
 
 
-def logprob_program(model: nnx.Module, temperature: float
+def logprob_program(model: nnx.Module, temperature: float, answer_length: int
                     ) -> Callable[[tuple[nnx.State, ...], UpdateBatch], jax.Array]:
     """`make_logprob_fn`'s jitted program itself (states as a tuple): what `cpt_jax.plan`
     compiles as the reference forward."""
@@ -124,7 +128,8 @@ def logprob_program(model: nnx.Module, temperature: float
     @jax.jit
     def fn(states: tuple[nnx.State, ...], batch: UpdateBatch) -> jax.Array:
         model = nnx.merge(graphdef, *states)
-        return jax.lax.map(lambda micro: token_logprobs(model, micro, temperature)[0], batch)
+        return jax.lax.map(
+            lambda micro: token_logprobs(model, micro, temperature, answer_length)[0], batch)
 
     return fn
 
@@ -132,7 +137,8 @@ def logprob_program(model: nnx.Module, temperature: float
 def grpo_loss(model: Qwen2_5_VL, micro: UpdateBatch, config: GRPOConfig
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One micro-batch's policy loss + kl_coef x KL, and its metrics."""
-    logprobs, entropy = token_logprobs(model, micro, config.temperature)
+    logprobs, entropy = token_logprobs(model, micro, config.temperature,
+                                       config.max_new_tokens)
     mask = micro["response_mask"]
     pg_loss, metrics = algorithms.policy_loss(
         logprobs, micro["old_logprobs"], micro["advantages"], mask, clip_low=config.clip_low,
@@ -216,7 +222,7 @@ class GRPOTrainer:
         stops = list(stop_ids) if stop_ids is not None else turn_stop_ids(tokenizer)
         self._template = model  # shape only: prepare_inputs and the graph definition
         self.sample = make_sampler(model, config.sampling, stop_ids=stops, pad_id=self.pad_id)
-        self.logprobs = make_logprob_fn(model, config.temperature)
+        self.logprobs = make_logprob_fn(model, config.temperature, config.max_new_tokens)
         self.update = make_grpo_update(model, optimizer, config)
 
     def rollout_groups(self, states: Sequence[nnx.State], batch: dict[str, np.ndarray],
