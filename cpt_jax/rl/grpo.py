@@ -95,7 +95,8 @@ def token_logprobs(model: Qwen2_5_VL, batch: UpdateBatch, temperature: float,
     """log softmax(logits / temperature) of each answer token given the tokens before it, and
     the entropy of that distribution: [b, L] each, entry t for token t, 0 outside the answer
     (`training_batch`'s layout: the answer is the last `answer_length` columns). Only the
-    answer's positions reach the vocabulary projection."""
+    answer's positions reach the vocabulary projection; an `answer_length` past the row is
+    clipped to every column but the first, which has no token before it."""
     ids = batch["input_ids"]
     hidden, _ = model.hidden_states(ids, batch["positions"], batch["attention_mask"],
                                     batch["vision"])
@@ -105,7 +106,7 @@ def token_logprobs(model: Qwen2_5_VL, batch: UpdateBatch, temperature: float,
         logits = logits * scale
         return target_logprobs(logits, targets), algorithms.entropy_from_logits(logits)
 
-    start = ids.shape[1] - answer_length
+    start = max(ids.shape[1] - answer_length, 1)
     logprobs, entropy = per_position(model, hidden[:, start - 1:-1], ids[:, start:], stats)
     pad = ((0, 0), (start, 0))
     return jnp.pad(logprobs, pad), jnp.pad(entropy, pad)
