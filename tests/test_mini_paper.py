@@ -103,10 +103,14 @@ def test_quick_variant_runs_everything_and_reports_the_runs_numbers(tmp_path):
     assert (out / "summary.png").stat().st_size > 0 and (out / "general.png").stat().st_size > 0
     assert "commit `" in readme and "--quick" in readme
 
-    # Again, with one run's results gone: only that run is made again.
+    # Again, with one run's results gone: only that run is made again, and the regenerated
+    # report keeps the hand-written notes.
     timings = {n: (work / "runs" / n / "timing.json").read_text() for n in runs}
     (work / "runs" / "multitask_seed0" / "results.json").unlink()
+    (out / "NOTES.md").write_text("The base model is at chance on syn_choice.\n")
     assert mini_paper.main(args) == 0
+    assert (out / "README.md").read_text().endswith(
+        "kept in `NOTES.md`)\n\nThe base model is at chance on syn_choice.\n")
     for name in runs:
         again = (work / "runs" / name / "timing.json").read_text()
         assert (again == timings[name]) == (name != "multitask_seed0"), name

@@ -1,5 +1,7 @@
 """The mini paper experiment's report: `<out>/README.md` and its summary plots, from the runs'
-results.json and metrics.jsonl files under `<out>/runs/` and the base model's `<out>/base.json`.
+results.json and metrics.jsonl files under `<out>/runs/` and the base model's `<out>/base.json`,
+with `<out>/NOTES.md` (the notes a person writes after a run) appended when it exists, so that
+regenerating the report does not lose them.
 
 Every figure in the README is computed here from those files (a test checks the main table
 against them); the comparison with the paper's ordering is stated whichever way it comes out.
@@ -320,6 +322,9 @@ trained by a stage):
 
 {rif_section(runs)}
 """
+    notes = out / "NOTES.md"
+    if notes.exists():
+        text += f"\n## Notes (written by hand, kept in `NOTES.md`)\n\n{notes.read_text()}"
     path = out / "README.md"
     path.write_text(text)
     return path
