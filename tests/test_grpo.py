@@ -65,7 +65,7 @@ def _trainer(tokenizer, config=GRPO, score_fn=None, seed=0):
 
 def test_update_batch_logprobs_equal_the_sampler(data_dir, tokenizer):
     """The training batch (prompts re-padded, images copied per answer) gives the sampled
-    tokens the log-probs the sampler drew them with."""
+    tokens the log-probs the sampler drew them with, whatever answer length it is told."""
     model, trainer, state = _trainer(tokenizer)
     groups = trainer.rollout_groups((state.params, state.rest),
                                     next(_prompt_batches(data_dir, tokenizer)), jax.random.key(1))
@@ -80,6 +80,10 @@ def test_update_batch_logprobs_equal_the_sampler(data_dir, tokenizer):
     print(f"max |update batch - sampler log-prob| = {diff:.2e} over {mask.sum()} tokens")
     assert diff <= 1e-4
     assert mask.sum() == sum(int(g.mask.sum()) for g in groups)
+    # An answer length past the row (rows shorter than max_new_tokens) is clipped to it.
+    whole_row = make_logprob_fn(model, GRPO.temperature, 10_000)
+    np.testing.assert_allclose(np.asarray(whole_row((state.params, state.rest), batch))[mask],
+                               logprobs[mask], atol=1e-5)
 
 
 def _rigged_scores(texts, answers):
