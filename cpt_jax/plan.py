@@ -54,6 +54,7 @@ from cpt_jax.config import (  # noqa: E402
 from cpt_jax.data.pipeline import patch_bucket  # noqa: E402
 from cpt_jax.flops import text_params_per_token, vision_params_per_patch  # noqa: E402
 from cpt_jax.models.qwen2_5_vl import (  # noqa: E402
+    GroupCache,
     Qwen2_5_VL,
     Qwen2_5_VLConfig,
     load_config,
@@ -300,24 +301,24 @@ class Planner:
 
     def _prefill(self) -> Any:
         graphdef, budget = self.graphdef, self.config.grpo.max_new_tokens
+        group = self.config.grpo.group_size
 
         @jax.jit
         def prefill(states: tuple[nnx.State, ...], prompts: Prompts) -> Any:
             model = nnx.merge(graphdef, *states)
-            cache = model.init_cache(prompts.input_ids.shape[0],
-                                     prompts.input_ids.shape[1] + budget)
+            cache = model.init_cache(*prompts.input_ids.shape)
             hidden, cache = model.hidden_states(prompts.input_ids, prompts.positions,
                                                 prompts.attention_mask, prompts.vision, cache)
-            return model.logits(hidden[:, -1]), cache
+            return model.logits(hidden[:, -1]), GroupCache.after_prefill(cache, group, budget)
         return prefill
 
     def _cache(self) -> Any:
-        """The group-expanded cache a decode step reads (prompts x group_size rows), sharded
-        by the axes the decoder pins it to."""
+        """The cache a decode step reads (each prompt once, prompts x group_size answers),
+        sharded by the axes the decoder pins it to."""
         grpo = self.config.grpo
-        rows = grpo.prompts_per_step * grpo.group_size
-        length = self.prompt_length() + grpo.max_new_tokens
-        cache = jax.eval_shape(lambda: self.model.init_cache(rows, length))
+        cache = jax.eval_shape(lambda: GroupCache.after_prefill(
+            self.model.init_cache(grpo.prompts_per_step, self.prompt_length()),
+            grpo.group_size, grpo.max_new_tokens))
         leaves, treedef = jax.tree.flatten(cache)
         names = jax.tree.leaves(cache.logical_axes(), is_leaf=lambda n: isinstance(n, tuple) and
                                 all(isinstance(e, str | None) for e in n))

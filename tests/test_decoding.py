@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 from qwen_reference import multimodal_batch
+
+from cpt_jax.models.qwen2_5_vl import GroupCache
+from cpt_jax.models.qwen2_5_vl.layers import dot_product_attention, shared_prefix_attention
 
 TOLERANCE = 1e-4
 
@@ -82,3 +88,57 @@ def test_an_unrolled_model_decodes_with_one_cache_array_per_layer(scanned_and_un
         logits, cache = unrolled.decode(continuation[:, step:step + 1], cache, layers)
         np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, prompt_len + step],
                                    atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("heads_major", [False, True])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_shared_prefix_attention_equals_attention_over_each_rows_copy(heads_major, q_len):
+    """One softmax over the prompt's keys (held once per group) and the row's own equals
+    attention over the prompt's keys copied into every row, masks included: left padding in
+    the prompt, unwritten answer slots, a row whose own slots are all hidden."""
+    prompts, n, heads, kv_heads, head_dim, prefix_len, own_len = 2, 3, 4, 2, 8, 7, 5
+    rows = prompts * n
+    keys = jax.random.split(jax.random.key(3), 5)
+    q = jax.random.normal(keys[0], (rows, q_len, heads, head_dim))
+    prefix_k, prefix_v = (jax.random.normal(key, (prompts, prefix_len, kv_heads, head_dim))
+                          for key in keys[1:3])
+    k, v = (jax.random.normal(key, (rows, own_len, kv_heads, head_dim)) for key in keys[3:])
+    prefix_mask = jnp.arange(prefix_len)[None, :] >= jnp.asarray([[0], [3]])  # left padding
+    mask = jax.random.bernoulli(jax.random.key(4), 0.6, (rows, q_len, own_len)).at[1].set(False)
+    copies = jnp.repeat(prefix_k, n, axis=0), jnp.repeat(prefix_v, n, axis=0)
+    full_mask = jnp.concatenate([jnp.broadcast_to(jnp.repeat(prefix_mask, n, axis=0)[:, None],
+                                                  (rows, q_len, prefix_len)), mask], axis=-1)
+    expected = dot_product_attention(q, jnp.concatenate([copies[0], k], axis=1),
+                                     jnp.concatenate([copies[1], v], axis=1), full_mask)
+    if heads_major:
+        prefix_k, prefix_v, k, v = (jnp.swapaxes(x, 1, 2) for x in (prefix_k, prefix_v, k, v))
+    got = shared_prefix_attention(q, k, v, mask, prefix_k, prefix_v, prefix_mask, heads_major)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["scanned", "unrolled"])
+def test_a_group_decodes_over_one_shared_prompt_cache(scanned_and_unrolled, layout):
+    """Prefill once, then n answers per prompt with different tokens over a `GroupCache` (the
+    prompt's keys stored once, `steps` answer slots each): every answer's logits equal the full
+    forward of its prompt + its own tokens, whether tokens come one or two per call."""
+    model = dict(zip(("scanned", "unrolled"), scanned_and_unrolled, strict=True))[layout]
+    n, steps = 3, 4
+    batch = multimodal_batch()
+    prompts, prompt_len = batch.input_ids.shape
+    answers = np.random.default_rng(11).integers(3, 240, size=(prompts, n, steps))
+    full = np.stack([_full_logits(model, batch, answers[:, j]) for j in range(n)], axis=1)
+    expected = full[:, :, prompt_len:].reshape(prompts * n, steps, -1)  # prompt-major rows
+
+    _, prompt_cache = model.prefill(batch.input_ids, max_len=prompt_len, **batch.ours())
+    cache = GroupCache.after_prefill(prompt_cache, n, steps)
+    assert cache.answers.valid.shape == (prompts * n, steps)
+    rows = answers.reshape(prompts * n, steps)
+    layers = model.decoder_layers()
+    logits, cache = model.decode(rows[:, :2], cache, layers)
+    got = [np.asarray(logits)]
+    for step in range(2, steps):
+        logits, cache = model.decode(rows[:, step:step + 1], cache, layers)
+        got.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(got, axis=1), expected, atol=TOLERANCE)
+    assert int(cache.answers.index) == steps
+    assert jax.tree.all(jax.tree.map(lambda a, b: a is b, cache.prompt, prompt_cache))

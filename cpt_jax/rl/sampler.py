@@ -1,10 +1,12 @@
 """The rollout sampler: a group of answers per prompt from one prefill and a KV-cache decode loop.
 
 One `jax.jit` runs a whole rollout batch with static shapes: the left-padded prompts (and their
-images) are prefilled once, into a cache of `prompt length + max_new_tokens` slots; the cache
-and the last logits are then repeated `group_size` times, so the image is encoded and the
-prompt prefilled once per group, and a `lax.while_loop` decodes one token per step for every
-answer until each has produced a stop token or the budget is spent.
+images) are prefilled once, into a cache of exactly their slots; a `GroupCache` then adds
+`max_new_tokens` slots for each of the `group_size` answers of every prompt, so the image is
+encoded, the prompt prefilled and its keys and values stored once per group (each decode step
+reads them once per group, in one product with all the group's queries), and a
+`lax.while_loop` decodes one token per step for every answer until each has produced a stop
+token or the budget is spent.
 
 Log-probabilities are those of the distribution the policy is trained on:
 log softmax(logits / temperature) of the chosen token (temperature 1 when greedy), before
@@ -24,7 +26,7 @@ import numpy as np
 from flax import nnx
 from transformers import PreTrainedTokenizerBase
 
-from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, VisionInputs
+from cpt_jax.models.qwen2_5_vl import GroupCache, Qwen2_5_VL, VisionInputs
 
 
 @dataclass(frozen=True)
@@ -198,11 +200,11 @@ def sampler_program(model: Qwen2_5_VL, config: SamplingConfig, *, stop_ids: Sequ
         model = nnx.merge(graphdef, *states)
         batch, prompt_len = prompts.input_ids.shape
         layers = model.decoder_layers()  # split once, not at every step (None when scanned)
-        cache = model.init_cache(batch, prompt_len + budget)
+        cache = model.init_cache(batch, prompt_len)
         hidden, cache = model.hidden_states(prompts.input_ids, prompts.positions,
                                             prompts.attention_mask, prompts.vision, cache,
                                             layers)
-        cache = cache.repeat_rows(n)
+        cache = GroupCache.after_prefill(cache, n, budget)
         rows = batch * n
         keys = jax.random.split(key, budget)
         last = jnp.repeat(model.logits(hidden[:, -1]), n, axis=0)

@@ -204,6 +204,44 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.reshape(batch, q_len, heads, head_dim)
 
 
+def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                            prefix_k: jax.Array, prefix_v: jax.Array, prefix_mask: jax.Array,
+                            heads_major: bool = False) -> jax.Array:
+    """Attention of a group's answers over their prompt's keys, held once, and their own.
+
+    Rows are prompt-major: row r answers prompt r // n, with n = rows / prompts. q: [rows,
+    q_len, heads, head_dim]; k, v, mask: each row's own keys (as in `dot_product_attention`);
+    prefix_k, prefix_v: [prompts, prefix_len, kv_heads, head_dim] (or heads-major);
+    prefix_mask: [prompts, prefix_len], True = visible to every query of the prompt's rows.
+
+    One softmax spans both key sets, so this equals `dot_product_attention` over each row's
+    prefix copy concatenated with its own keys; but the n answers' queries meet the prompt's
+    keys in one product per prompt, so the prompt's cache is read once per group instead of n
+    times (and stored once: a prompt of a thousand image tokens dwarfs 8 answers' worth).
+    """
+    rows, q_len, heads, head_dim = q.shape
+    prompts, kv_heads = prefix_k.shape[0], prefix_k.shape[1 if heads_major else 2]
+    n, groups = rows // prompts, heads // kv_heads
+    key_axes = "bhkd" if heads_major else "bkhd"
+    grouped = q.reshape(prompts, n, q_len, kv_heads, groups, head_dim)
+    shared = jnp.einsum(f"bnqhgd,{key_axes}->bnhgqk", grouped, prefix_k)
+    shared = shared.reshape(rows, kv_heads, groups, q_len, -1)
+    own = jnp.einsum(f"rqhgd,{key_axes.replace('b', 'r')}->rhgqk",
+                     q.reshape(rows, q_len, kv_heads, groups, head_dim), k)
+    scores = (jnp.concatenate([shared, own], axis=-1) * (head_dim**-0.5)).astype(jnp.float32)
+    visible = jnp.concatenate([
+        jnp.broadcast_to(jnp.repeat(prefix_mask, n, axis=0)[:, None, :],
+                         (rows, q_len, prefix_mask.shape[1])), mask], axis=-1)
+    scores = jnp.where(visible[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    prefix_len = prefix_mask.shape[1]
+    shared_probs = probs[..., :prefix_len].reshape(prompts, n, kv_heads, groups, q_len, -1)
+    out = (jnp.einsum(f"bnhgqk,{key_axes}->bnqhgd", shared_probs, prefix_v)
+           .reshape(rows, q_len, kv_heads, groups, head_dim)
+           + jnp.einsum(f"rhgqk,{key_axes.replace('b', 'r')}->rqhgd", probs[..., prefix_len:], v))
+    return out.reshape(rows, q_len, heads, head_dim)
+
+
 QUERY_CHUNK = 1024
 
 

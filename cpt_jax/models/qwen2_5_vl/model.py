@@ -18,7 +18,7 @@ from flax import nnx
 from .config import Qwen2_5_VLConfig
 from .layers import make_param, matmul_flat
 from .rope_index import get_rope_index
-from .text import KVCache, TextDecoder
+from .text import GroupCache, KVCache, TextDecoder
 from .vision import VisionInputs, VisionTower
 
 
@@ -47,8 +47,9 @@ class Qwen2_5_VL(nnx.Module):
 
     # ----------------------------------------------------------------- jit-able core
     def forward(self, input_ids: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-                vision: VisionInputs | None = None, cache: KVCache | None = None,
-                layers: list[nnx.Module] | None = None) -> tuple[jax.Array, KVCache | None]:
+                vision: VisionInputs | None = None, cache: KVCache | GroupCache | None = None,
+                layers: list[nnx.Module] | None = None
+                ) -> tuple[jax.Array, KVCache | GroupCache | None]:
         """input_ids [b, s] int, positions [3, b, s] int, attention_mask [b, s] (1 = real).
 
         `vision` packs the patches of all images (first) and then all videos of the batch;
@@ -62,8 +63,9 @@ class Qwen2_5_VL(nnx.Module):
 
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array,
                       attention_mask: jax.Array, vision: VisionInputs | None = None,
-                      cache: KVCache | None = None, layers: list[nnx.Module] | None = None
-                      ) -> tuple[jax.Array, KVCache | None]:
+                      cache: KVCache | GroupCache | None = None,
+                      layers: list[nnx.Module] | None = None
+                      ) -> tuple[jax.Array, KVCache | GroupCache | None]:
         """`forward` without the language-model head: the final-normed hidden states
         [b, s, hidden]. Callers that need a few positions' logits (a prefill needs the last)
         apply `logits` to those, instead of materialising [b, s, vocab] in float32."""
@@ -139,8 +141,9 @@ class Qwen2_5_VL(nnx.Module):
         cache = self.init_cache(ids.shape[0], max_len)
         return self.forward(ids, positions, mask, vision, cache)
 
-    def decode(self, token_ids: jax.Array, cache: KVCache,
-               layers: list[nnx.Module] | None = None) -> tuple[jax.Array, KVCache]:
+    def decode(self, token_ids: jax.Array, cache: KVCache | GroupCache,
+               layers: list[nnx.Module] | None = None
+               ) -> tuple[jax.Array, KVCache | GroupCache]:
         """Appends text tokens [batch, n]; returns (logits [batch, n, vocab], cache). A loop
         of decode calls passes `layers=decoder_layers()`, split before the loop."""
         token_ids = jnp.asarray(token_ids)

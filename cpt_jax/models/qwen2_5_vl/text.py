@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -20,6 +19,7 @@ from .layers import (
     chunked_attention,
     make_param,
     scan_layers,
+    shared_prefix_attention,
     stack_layers,
     unstack_layers,
 )
@@ -73,18 +73,51 @@ class KVCache(NamedTuple):
         kv = tuple(LAYER_CACHE_AXES for _ in self.k) if self.per_layer else CACHE_AXES
         return KVCache(kv, kv, ("batch", None), (), ("batch",))
 
-    def repeat_rows(self, times: int) -> KVCache:
-        """Each batch row `times` times in a row (one prefill shared by a group of answers)."""
-        rows = functools.partial(jnp.repeat, repeats=times, axis=0 if self.per_layer else 1)
-        return KVCache(jax.tree.map(rows, self.k), jax.tree.map(rows, self.v),
-                       jnp.repeat(self.valid, times, axis=0), self.index,
-                       jnp.repeat(self.next_position, times, axis=0))
+
+
+class GroupCache(NamedTuple):
+    """A rollout's cache: each prompt's keys and values once, from its prefill (`prompt`, one
+    row per prompt), and each answer's own (`answers`, `group_size` rows per prompt,
+    prompt-major). Attention reads the prompt's part once per group
+    (`shared_prefix_attention`) where a cache repeated per answer was read, and stored, once
+    per answer."""
+
+    prompt: KVCache
+    answers: KVCache
+
+    @classmethod
+    def after_prefill(cls, prompt: KVCache, group_size: int, answer_len: int) -> GroupCache:
+        """`prompt` (a filled prefill cache) with room for `answer_len` tokens of each of
+        `group_size` answers per prompt, whose positions continue the prompt's."""
+        rows = prompt.valid.shape[0] * group_size
+        if prompt.per_layer:  # [b, kv_heads, slots, d] per layer
+            k, v = (tuple(jnp.zeros((rows, x.shape[1], answer_len, x.shape[3]), x.dtype)
+                          for x in stack) for stack in (prompt.k, prompt.v))
+        else:  # [layers, b, slots, kv_heads, d]
+            k, v = (jnp.zeros((x.shape[0], rows, answer_len, *x.shape[3:]), x.dtype)
+                    for x in (prompt.k, prompt.v))
+        answers = KVCache(k, v, jnp.zeros((rows, answer_len), bool), jnp.zeros((), jnp.int32),
+                          jnp.repeat(prompt.next_position, group_size, axis=0))
+        return cls(prompt, answers)
+
+    @property
+    def per_layer(self) -> bool:
+        return self.answers.per_layer
+
+    @property
+    def next_position(self) -> jax.Array:
+        return self.answers.next_position
+
+    def logical_axes(self) -> GroupCache:
+        """The logical axis names of each array, in the cache's own structure."""
+        return GroupCache(self.prompt.logical_axes(), self.answers.logical_axes())
 
 
 class CacheSlot(NamedTuple):
     """The cache as it passes through one layer, and where that layer writes: the whole
     stacked cache and the layer's index in it (scanned), or the layer's own arrays (`layer`
-    None, unrolled).
+    None, unrolled). With a `GroupCache`, `prompt` is its prompt part in the same layout
+    (stacked or this layer's), which the layer reads and never writes.
 
     Carrying the stacked arrays through the layer scan and writing only the new tokens keeps
     the update in place, instead of rebuilding the cache from per-layer outputs every step.
@@ -94,6 +127,7 @@ class CacheSlot(NamedTuple):
     v: jax.Array
     layer: jax.Array | None
     index: jax.Array
+    prompt: KVCache | None = None
 
 
 def mrope_cos_sin(positions: jax.Array, config: TextConfig,
@@ -139,15 +173,31 @@ class Attention(nnx.Module):
                 cached, jnp.swapaxes(new, 1, 2).astype(cached.dtype), start)
                 for cached, new in ((slot.k, k), (slot.v, v)))
             slot = slot._replace(k=all_k, v=all_v)
-            return self.o_proj(chunked_attention(q, all_k.astype(q.dtype), all_v.astype(q.dtype),
-                                                 mask, heads_major=True)), slot
+            return self.o_proj(_cached_attention(q, all_k, all_v, mask, slot.prompt, None,
+                                                 heads_major=True)), slot
         if slot is not None:
             start = (slot.layer, 0, slot.index, 0, 0)
             all_k = jax.lax.dynamic_update_slice(slot.k, k[None].astype(slot.k.dtype), start)
             all_v = jax.lax.dynamic_update_slice(slot.v, v[None].astype(slot.v.dtype), start)
             slot = slot._replace(k=all_k, v=all_v)
-            k, v = all_k[slot.layer].astype(q.dtype), all_v[slot.layer].astype(q.dtype)
+            return self.o_proj(_cached_attention(q, all_k[slot.layer], all_v[slot.layer], mask,
+                                                 slot.prompt, slot.layer)), slot
         return self.o_proj(chunked_attention(q, k, v, mask)), slot
+
+
+def _cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                      prompt: KVCache | None, layer: jax.Array | None,
+                      heads_major: bool = False) -> jax.Array:
+    """Attention over one layer's cache, and over the group's shared prompt part when there
+    is one (`layer` picks it from a stacked prompt cache; None: `prompt` holds this layer's
+    arrays)."""
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if prompt is None:
+        return chunked_attention(q, k, v, mask, heads_major=heads_major)
+    prefix_k, prefix_v = (prompt.k, prompt.v) if layer is None else (prompt.k[layer],
+                                                                     prompt.v[layer])
+    return shared_prefix_attention(q, k, v, mask, prefix_k.astype(q.dtype),
+                                   prefix_v.astype(q.dtype), prompt.valid, heads_major)
 
 
 class DecoderLayer(nnx.Module):
@@ -199,14 +249,17 @@ class TextDecoder(nnx.Module):
         return None if self.scan else unstack_layers(self.layers)
 
     def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-                 cache: KVCache | None = None, layers: list[DecoderLayer] | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | GroupCache | None = None,
+                 layers: list[DecoderLayer] | None = None
+                 ) -> tuple[jax.Array, KVCache | GroupCache | None]:
         """embeds [b, s, hidden], positions [3, b, s], attention_mask [b, s] (True = real token).
 
         Without a cache, attention is causal over this sequence. With one, this sequence's keys
         and values are written at `cache.index` and the queries see every valid earlier slot;
         a per-layer cache runs the layers unrolled, `layers` (`unrolled_layers()`) or else
-        this call's own split of the stacks. Returns the final-normed hidden states
+        this call's own split of the stacks. With a `GroupCache` (rows = its answer rows),
+        they are written to the answers' part, and the queries also see their prompt's whole
+        valid part. Returns the final-normed hidden states
         [b, s, hidden] and the updated cache.
         """
         seq = embeds.shape[1]
@@ -223,6 +276,8 @@ class TextDecoder(nnx.Module):
             x, _ = scan_layers(self.layers, step, embeds, remat=self.remat, scan=self.scan)
             return self.norm(x), None
 
+        group = cache if isinstance(cache, GroupCache) else None
+        prompt, cache = (group.prompt, group.answers) if group else (None, cache)
         index = cache.index
         valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
         slots = jnp.arange(valid.shape[1])
@@ -230,9 +285,12 @@ class TextDecoder(nnx.Module):
 
         if cache.per_layer:
             x, ks, vs = embeds, [], []
-            for layer, k, v in zip(layers or unstack_layers(self.layers), cache.k, cache.v,
-                                   strict=True):
-                x, slot = layer(x, cos, sin, mask, CacheSlot(k, v, None, index))
+            prompts = (zip(prompt.k, prompt.v, strict=True) if prompt
+                       else [(None, None)] * len(cache.k))
+            for layer, k, v, (prompt_k, prompt_v) in zip(
+                    layers or unstack_layers(self.layers), cache.k, cache.v, prompts, strict=True):
+                shared = prompt._replace(k=prompt_k, v=prompt_v) if prompt else None
+                x, slot = layer(x, cos, sin, mask, CacheSlot(k, v, None, index, shared))
                 x = constrain(x, ACTIVATION_AXES)
                 ks.append(constrain(slot.k, LAYER_CACHE_AXES))
                 vs.append(constrain(slot.v, LAYER_CACHE_AXES))
@@ -240,7 +298,7 @@ class TextDecoder(nnx.Module):
         else:
             def cached_step(layer, carry, layer_index):
                 x, k, v = carry
-                x, slot = layer(x, cos, sin, mask, CacheSlot(k, v, layer_index, index))
+                x, slot = layer(x, cos, sin, mask, CacheSlot(k, v, layer_index, index, prompt))
                 return (constrain(x, ACTIVATION_AXES), constrain(slot.k, CACHE_AXES),
                         constrain(slot.v, CACHE_AXES)), None
 
@@ -249,4 +307,6 @@ class TextDecoder(nnx.Module):
                                        layer_indices, remat=self.remat)
         last = jnp.max(jnp.where(attention_mask, positions.max(axis=0), -1), axis=-1)
         cache = KVCache(k, v, valid, index + seq, jnp.maximum(last + 1, cache.next_position))
+        if group:
+            cache = GroupCache(prompt, cache)
         return self.norm(x), cache
