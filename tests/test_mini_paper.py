@@ -13,7 +13,7 @@ import pytest
 from cpt_jax.config import load_run_config
 from cpt_jax.data.tasks import NO_COT_SUFFIX, SYNTHETIC_PRETRAIN
 from cpt_jax.data.tokenizer import task_tokenizer
-from cpt_jax.experiments import mini_paper
+from cpt_jax.experiments import mini_paper, mini_paper_report
 from cpt_jax.experiments.mini_paper_report import LABELS
 from cpt_jax.models.qwen2_5_vl import preset
 
@@ -62,6 +62,9 @@ def test_base_mixture_warms_up_on_captions_then_alternates_cot_and_no_cot(tmp_pa
     assert forms == [False, True] * 20
     questions = [r for rows in texts[scale.caption_warmup:] for r in rows]
     assert sum(caption in r for r in questions) == 16  # one CoT batch in ten, batch 8
+    # ... which is what the report says of a base trained this way
+    record = {"caption_weight": scale.caption_weight, "base_tasks": len(mini_paper.BASE_TASKS)}
+    assert mini_paper_report._caption_share(record) == "one syn_caption batch in 20"
     for task in ("Is there a", "What is", "What word"):  # pope, arith and ocr rows all appear
         assert any(task in r for r in questions), task
 

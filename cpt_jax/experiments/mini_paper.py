@@ -80,6 +80,7 @@ class Scale:
     eval_batch: int
     base_steps: int
     caption_warmup: int
+    caption_weight: int = 1  # syn_caption batches per round of chain-of-thought base batches
     stages: int = len(SYNTHETIC_STAGES)  # the first this many of the paper's seven
     base_lr: float = 1e-3
     vision_lr_scale: float = 0.1
@@ -144,8 +145,9 @@ def build_data(data_dir: Path, scale: Scale) -> None:
 def base_mixture(tokenizer: PreTrainedTokenizerBase, data_dir: Path, config: RunConfig,
                  scale: Scale, *, seed: int) -> Iterator[dict[str, np.ndarray]]:
     """SFT batches for the base: `caption_warmup` syn_caption batches, then, alternately, a
-    chain-of-thought batch (the answer in `config.sft.response_template`; one in ten of these
-    is syn_caption) and a no-CoT batch (the bare answer). Each batch mixes rows of every stage
+    chain-of-thought batch (the answer in `config.sft.response_template`; `caption_weight` in
+    each round of as many of these as there are base tasks, plus those, are syn_caption) and a
+    no-CoT batch (the bare answer). Each batch mixes rows of every stage
     and general task, from the training rows after the first `run_rows`, which the stages use.
     Mixed batches: with one task per batch, `mini` kept only the tasks of its last few hundred
     steps (reports/synthetic_learnability)."""
@@ -153,7 +155,8 @@ def base_mixture(tokenizer: PreTrainedTokenizerBase, data_dir: Path, config: Run
     common = dict(batch_size=scale.batch_size, tasks=BASE_TASKS, skip_rows=scale.run_rows,
                   mixed=True)
     cot = learnability.mixture(
-        tokenizer, data_dir, seed=seed, caption_weight=1, caption_warmup=scale.caption_warmup,
+        tokenizer, data_dir, seed=seed, caption_weight=scale.caption_weight,
+        caption_warmup=scale.caption_warmup,
         options=dataclasses.replace(options, cot=True),
         response_template=config.sft.response_template, **common)
     no_cot = learnability.mixture(tokenizer, data_dir, seed=seed + 1,
@@ -187,7 +190,8 @@ def train_base(work: Path, config: RunConfig, scale: Scale, *, seed: int = 0) ->
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     record = {"preset": config.model.preset, "steps": scale.base_steps,
-              "caption_warmup": scale.caption_warmup, "learning_rate": scale.base_lr,
+              "caption_warmup": scale.caption_warmup, "caption_weight": scale.caption_weight,
+              "base_tasks": len(BASE_TASKS), "learning_rate": scale.base_lr,
               "vision_lr_scale": scale.vision_lr_scale, "batch_size": scale.batch_size,
               "response_template": config.sft.response_template, "mixed_batches": True,
               "no_cot_share": 0.5,

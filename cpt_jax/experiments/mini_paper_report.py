@@ -14,6 +14,7 @@ import json
 import platform
 import statistics
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +244,18 @@ def plot_general(runs: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
+def _caption_share(training: dict[str, Any]) -> str:
+    """What share of the base's mixed batches are syn_caption, from its training record: the
+    chain-of-thought half has `caption_weight` per round of `base_tasks` mixed batches (records
+    written before those fields had 1 and 9)."""
+    weight = training.get("caption_weight", 1)
+    if weight == 0:
+        return "no syn_caption batches"
+    share = Fraction(weight, 2 * (training.get("base_tasks", 9) + weight))
+    return (f"{'one' if share.numerator == 1 else share.numerator} syn_caption batch"
+            f"{'' if share.numerator == 1 else 'es'} in {share.denominator}")
+
+
 def write_report(out: Path, run_names: Sequence[str], *, command: str, commit: str,
                  quick: bool, seconds: float) -> Path:
     runs = {name: load_run(out / "runs" / name) for name in run_names}
@@ -271,7 +284,7 @@ def write_report(out: Path, run_names: Sequence[str], *, command: str, commit: s
 - Base model: the `{training['preset']}` preset trained from scratch, {training['steps']} SFT
   steps of batch {training['batch_size']} ({training['caption_warmup']} on syn_caption alone,
   then batches that each mix the seven stage tasks and the two general tasks, on training rows
-  no stage uses, with one syn_caption batch in twenty), AdamW lr
+  no stage uses, with {_caption_share(training)}), AdamW lr
   {training['learning_rate']:g} (vision tower x{training['vision_lr_scale']:g}); every other
   batch has the chain-of-thought prompt and targets of the form
   `{training['response_template'].format(answer='ANSWER')}`, the others the no-CoT prompt and
