@@ -74,7 +74,6 @@ class KVCache(NamedTuple):
         return KVCache(kv, kv, ("batch", None), (), ("batch",))
 
 
-
 class GroupCache(NamedTuple):
     """A rollout's cache: each prompt's keys and values once, from its prefill (`prompt`, one
     row per prompt), and each answer's own (`answers`, `group_size` rows per prompt,
