@@ -168,6 +168,17 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotate_half(x) * sin
 
 
+def attention_probs(scores: jax.Array, mask: jax.Array, head_dim: int,
+                    dtype: jnp.dtype) -> jax.Array:
+    """Softmax of scaled scores [batch, kv_heads, groups, q_len, kv_len] in fp32 over the keys
+    that mask [batch, q_len, kv_len] shows. Hidden logits take the dtype's minimum, as
+    transformers' eager path does, so a row with no visible key gives a finite (uniform)
+    result instead of NaN."""
+    scores = (scores * (head_dim**-0.5)).astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                           heads_major: bool = False) -> jax.Array:
     """Grouped-query attention with a boolean mask, softmax in fp32.
@@ -191,9 +202,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
         scores = scores.reshape(batch, kv_heads, groups, q_len, -1)
     else:
         scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k)
-    scores = (scores * (head_dim**-0.5)).astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = attention_probs(scores, mask, head_dim, v.dtype)
     if heads_major:
         out = jax.lax.dot_general(probs.reshape(batch, kv_heads, groups * q_len, -1), v,
                                   (((3,), (2,)), ((0, 1), (0, 1))))
@@ -228,12 +237,11 @@ def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
     shared = shared.reshape(rows, kv_heads, groups, q_len, -1)
     own = jnp.einsum(f"rqhgd,{key_axes.replace('b', 'r')}->rhgqk",
                      q.reshape(rows, q_len, kv_heads, groups, head_dim), k)
-    scores = (jnp.concatenate([shared, own], axis=-1) * (head_dim**-0.5)).astype(jnp.float32)
     visible = jnp.concatenate([
         jnp.broadcast_to(jnp.repeat(prefix_mask, n, axis=0)[:, None, :],
                          (rows, q_len, prefix_mask.shape[1])), mask], axis=-1)
-    scores = jnp.where(visible[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = attention_probs(jnp.concatenate([shared, own], axis=-1), visible, head_dim,
+                            v.dtype)
     prefix_len = prefix_mask.shape[1]
     shared_probs = probs[..., :prefix_len].reshape(prompts, n, kv_heads, groups, q_len, -1)
     out = (jnp.einsum(f"bnhgqk,{key_axes}->bnqhgd", shared_probs, prefix_v)
