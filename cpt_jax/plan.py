@@ -232,7 +232,8 @@ class Planner:
                                rows_per_micro_batch=rows, min_patches=grpo.min_patches)
         batch.pop("sampler_logprobs")
         batch["advantages"] = np.zeros(batch["input_ids"].shape[:2], np.float32)
-        for key in ("old_logprobs", "ref_logprobs")[:1 + (grpo.kl_coef > 0)]:
+        wanted = ["old_logprobs"] * (not grpo.on_policy) + ["ref_logprobs"] * (grpo.kl_coef > 0)
+        for key in wanted:
             batch[key] = np.zeros(batch["input_ids"].shape, np.float32)
         answers = grpo.prompts_per_step // grpo.mini_batches * grpo.group_size
         micro_batches = answers // rows
@@ -366,7 +367,8 @@ class Planner:
                         + answers * grpo.max_new_tokens * 2 * n_text
                         + answers * 4 * text.num_hidden_layers * text.hidden_size
                         * grpo.max_new_tokens * length)
-            logprobs = (1 + (grpo.kl_coef > 0)) * forward(answers, length)
+            old = not grpo_config(grpo).on_policy  # else the update's own log-probs serve
+            logprobs = (old + (grpo.kl_coef > 0)) * forward(answers, length)
             updates = grpo.ppo_epochs * 3 * forward(answers, length)
             found["grpo"] = sampling + logprobs + updates
         return found

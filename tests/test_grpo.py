@@ -4,6 +4,7 @@ backfill, and one compilation for many steps."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -113,6 +114,49 @@ def test_first_update_matches_the_formula(data_dir, tokenizer):
         assert np.isfinite(metrics[key]), key
 
 
+def test_on_policy_update_skips_the_old_forward_and_matches_it(data_dir, tokenizer):
+    """One update per rollout: the update's own log-probs, held constant, stand in for the old
+    policy's forward. The update equals the one fed that forward's log-probs, and a step runs
+    the log-prob program for the reference only (twice a step with two epochs)."""
+    model, trainer, state = _trainer(tokenizer, score_fn=_rigged_scores)
+    states = (state.params, state.rest)
+    groups = trainer.rollout_groups(states, next(_prompt_batches(data_dir, tokenizer)),
+                                    jax.random.key(3))
+    batch = training_batch(groups, model, prompt_length=384, rows_per_micro_batch=4,
+                           min_patches=256, pad_id=CONFIG.pad_token_id)
+    batch.pop("sampler_logprobs")
+    batch["advantages"] = group_advantages(groups, GRPO).reshape(batch["input_ids"].shape[:2])
+    inputs = {name: batch[name] for name in grpo._MODEL_INPUTS}
+    batch["ref_logprobs"] = trainer.logprobs(trainer.reference, inputs)
+    with_old = {**batch, "old_logprobs": trainer.logprobs(states, inputs)}
+    copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)  # noqa: E731 (donated)
+    fed, fed_metrics = trainer.update(copy(state), with_old)
+    own, own_metrics = trainer.update(copy(state), batch)
+    assert GRPO.on_policy
+    assert float(own_metrics["loss"]) == pytest.approx(float(fed_metrics["loss"]), abs=1e-6)
+    assert float(own_metrics["ppo_kl"]) == 0.0
+    assert float(own_metrics["grad_norm"]) == pytest.approx(float(fed_metrics["grad_norm"]),
+                                                            rel=1e-5)
+    largest = lambda a, b: max(jax.tree.leaves(  # noqa: E731
+        jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
+    moved, apart = largest(own.params, state.params), largest(own.params, fed.params)
+    print(f"update moved the weights by up to {moved:.2e}; the two updates differ by {apart:.2e}")
+    assert moved > 1e-5 and apart <= 1e-7
+
+    for epochs, forwards in ((1, 1), (2, 2)):  # the reference's, plus the old policy's
+        config = GRPOConfig(**{**GRPO.__dict__, "ppo_epochs": epochs})
+        _, trainer, state = _trainer(tokenizer, config=config, score_fn=_rigged_scores)
+        calls = []
+        trainer.logprobs = functools.partial(_counted, trainer.logprobs, calls)
+        trainer.step(state, _prompt_batches(data_dir, tokenizer), jax.random.key(4))
+        assert (config.on_policy, len(calls)) == (epochs == 1, forwards)
+
+
+def _counted(fn, calls, *args):
+    calls.append(1)
+    return fn(*args)
+
+
 def test_online_filter_drops_zero_variance_groups_and_backfills(data_dir, tokenizer):
     config = GRPOConfig(**{**GRPO.__dict__, "online_filter": True, "max_fill_batches": 12})
     _, trainer, state = _trainer(tokenizer, config=config, score_fn=_rigged_scores)
@@ -156,7 +200,7 @@ def test_steps_compile_once(data_dir, tokenizer, monkeypatch):
     for step in range(3):
         state, metrics, _ = trainer.step(state, batches, jax.random.key(step))
         rewards.append(metrics["reward/mean"])
-    assert len(traces) == 2  # old/ref log-probs (same program), the update's loss
+    assert len(traces) == 2  # the reference's log-probs, the update's loss
     assert int(state.step) == 3
 
 

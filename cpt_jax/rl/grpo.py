@@ -7,7 +7,9 @@ One step consumes one rollout batch of `prompts_per_step` prompts x `group_size`
    dropped and later prompt batches are sampled to fill the step (DAPO's dynamic sampling);
 3. GRPO (or RLOO) advantages per group; the training batch is padded to static shapes;
 4. the log-probs of the answers under the policy before the update ("old") and under the
-   reference model, one jitted forward each;
+   reference model, one jitted forward each; with one update per rollout (`on_policy`) the
+   old log-probs are the update's own, held constant, and that forward is skipped (TRL does
+   the same with one iteration);
 5. `ppo_epochs` passes over `mini_batches` optimizer updates, each accumulating gradients over
    micro-batches with `lax.scan`: loss = policy loss + kl_coef x KL, both token means over the
    micro-batch, divided by the number of micro-batches (EasyR1).
@@ -74,6 +76,12 @@ class GRPOConfig:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
 
     @property
+    def on_policy(self) -> bool:
+        """One update per rollout: the policy it starts from is the one that sampled, so the
+        old log-probs equal the update's own (ratio 1, the clip never binds)."""
+        return self.ppo_epochs == 1 and self.mini_batches == 1
+
+    @property
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, group_size=self.group_size,
                               temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
@@ -137,12 +145,14 @@ def logprob_program(model: nnx.Module, temperature: float, answer_length: int
 
 def grpo_loss(model: Qwen2_5_VL, micro: UpdateBatch, config: GRPOConfig
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """One micro-batch's policy loss + kl_coef x KL, and its metrics."""
+    """One micro-batch's policy loss + kl_coef x KL, and its metrics. Without
+    `old_logprobs` in the micro-batch (`GRPOConfig.on_policy`), the old policy is this one."""
     logprobs, entropy = token_logprobs(model, micro, config.temperature,
                                        config.max_new_tokens)
     mask = micro["response_mask"]
+    old = micro.get("old_logprobs", jax.lax.stop_gradient(logprobs))
     pg_loss, metrics = algorithms.policy_loss(
-        logprobs, micro["old_logprobs"], micro["advantages"], mask, clip_low=config.clip_low,
+        logprobs, old, micro["advantages"], mask, clip_low=config.clip_low,
         clip_high=config.clip_high, clip_dual=config.clip_dual, loss_agg=config.loss_agg)
     loss = pg_loss
     metrics = {**metrics, "pg_loss": pg_loss, "entropy": algorithms.masked_mean(entropy, mask)}
@@ -282,7 +292,8 @@ class GRPOTrainer:
             batch.pop("sampler_logprobs")
             batch = self.place(batch)
             inputs = {name: batch[name] for name in _MODEL_INPUTS}  # one pytree: one program
-            batch["old_logprobs"] = self.logprobs((state.params, state.rest), inputs)
+            if not config.on_policy:
+                batch["old_logprobs"] = self.logprobs((state.params, state.rest), inputs)
             if config.kl_coef > 0:
                 batch["ref_logprobs"] = self.logprobs(self.reference, inputs)
             minis.append(batch)
