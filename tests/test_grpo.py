@@ -129,17 +129,15 @@ def test_on_policy_update_skips_the_old_forward_and_matches_it(data_dir, tokeniz
     inputs = {name: batch[name] for name in grpo._MODEL_INPUTS}
     batch["ref_logprobs"] = trainer.logprobs(trainer.reference, inputs)
     with_old = {**batch, "old_logprobs": trainer.logprobs(states, inputs)}
-    copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)  # noqa: E731 (donated)
-    fed, fed_metrics = trainer.update(copy(state), with_old)
-    own, own_metrics = trainer.update(copy(state), batch)
+    fed, fed_metrics = trainer.update(_copy(state), with_old)  # update donates its state
+    own, own_metrics = trainer.update(_copy(state), batch)
     assert GRPO.on_policy
     assert float(own_metrics["loss"]) == pytest.approx(float(fed_metrics["loss"]), abs=1e-6)
     assert float(own_metrics["ppo_kl"]) == 0.0
     assert float(own_metrics["grad_norm"]) == pytest.approx(float(fed_metrics["grad_norm"]),
                                                             rel=1e-5)
-    largest = lambda a, b: max(jax.tree.leaves(  # noqa: E731
-        jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
-    moved, apart = largest(own.params, state.params), largest(own.params, fed.params)
+    moved = _largest_difference(own.params, state.params)
+    apart = _largest_difference(own.params, fed.params)
     print(f"update moved the weights by up to {moved:.2e}; the two updates differ by {apart:.2e}")
     assert moved > 1e-5 and apart <= 1e-7
 
@@ -150,6 +148,14 @@ def test_on_policy_update_skips_the_old_forward_and_matches_it(data_dir, tokeniz
         trainer.logprobs = functools.partial(_counted, trainer.logprobs, calls)
         trainer.step(state, _prompt_batches(data_dir, tokenizer), jax.random.key(4))
         assert (config.on_policy, len(calls)) == (epochs == 1, forwards)
+
+
+def _copy(tree):
+    return jax.tree.map(lambda x: x.copy(), tree)
+
+
+def _largest_difference(a, b) -> float:
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
 
 
 def _counted(fn, calls, *args):
