@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cpt_jax.data.tasks import SYNTHETIC_GENERAL, SYNTHETIC_STAGES
 from cpt_jax.data.tokenizer import task_tokenizer
 from cpt_jax.experiments import learnability
@@ -15,6 +17,7 @@ def test_learnability_writes_results_and_table(tmp_path):
     assert learnability.main(["--out", str(out), "--preset", "tiny", "--steps", "3",
                               "--eval-examples", "8", "--train-examples", "8",
                               "--new-tokens", "2", "--caption-weight", "1",
+                              "--tasks", "syn_texture,syn_geometry",
                               "--caption-warmup", "1", "--blind-baseline", "--mixed-batches",
                               "--save", str(tmp_path / "model"),
                               "--data-dir", str(tmp_path / "tfds")]) == 0
@@ -23,6 +26,7 @@ def test_learnability_writes_results_and_table(tmp_path):
     assert results["caption_weight"] == 1 and results["caption_warmup"] == 1
     assert results["vision_lr_scale"] == 0.1 and results["blind_baseline"]
     assert results["mixed_batches"]
+    assert results["trained_tasks"] == ["syn_texture", "syn_geometry"]
     assert (tmp_path / "model" / "config.json").exists()
     assert (tmp_path / "model" / "tokenizer.json").exists()
     assert set(results["tasks"]) == set(SYNTHETIC_STAGES + SYNTHETIC_GENERAL)
@@ -39,7 +43,11 @@ def test_learnability_writes_results_and_table(tmp_path):
     assert "| task | paper analogue |" in readme and "1 syn_caption batches" in readme
     assert "| majority | lookup | untrained |" in readme
     assert "| blank | blind-trained | n |" in readme and "first 1 steps on syn_caption" in readme
-    assert "every batch drawn from all seven shuffled together" in readme
+    assert "every batch drawn from all of them shuffled together" in readme
+    assert "mixture of syn_texture, syn_geometry' train splits" in readme
+    assert "1 syn_caption batches per round of 2" in readme
+    untrained = [t for t in SYNTHETIC_STAGES if t not in ("syn_texture", "syn_geometry")]
+    assert f"Not trained on in this run: {', '.join(untrained)}." in readme
     for task in results["tasks"]:
         assert f"| {task} |" in readme
 
@@ -55,3 +63,9 @@ def test_learnability_writes_results_and_table(tmp_path):
 
     assert all(len(k) == 1 for k in kinds(mixed=False))
     assert sum(len(k) == 2 for k in kinds(mixed=True)) >= 4
+
+
+def test_learnability_rejects_an_unknown_task(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        learnability.main(["--out", str(tmp_path), "--tasks", "syn_texture,syn_colour"])
+    assert "--tasks: syn_colour not among the stage tasks" in capsys.readouterr().err

@@ -1,14 +1,15 @@
 """Learnability of the synthetic benchmark: untrained vs briefly SFT-trained accuracy per task.
 
     python -m cpt_jax.experiments.learnability --out reports/synthetic_learnability \
-        [--preset mini] [--steps N] [--caption-warmup W] [--caption-weight C] \
+        [--preset mini] [--steps N] [--tasks T1,T2] [--caption-warmup W] [--caption-weight C] \
         [--vision-lr-scale S] [--blind-baseline] [--eval-examples M] [--data-dir DIR]
 
 Builds the synthetic benchmark and a tokenizer for the preset, evaluates the randomly
 initialised model on every stage task and both general tasks (greedy, no chain of thought,
 exact match), trains it with SFT (first W syn_caption batches alone, then the round-robin
-mixture of the seven stage tasks' train splits with C syn_caption batches per round),
-evaluates again, and writes `<out>/results.json` and `<out>/README.md`.
+mixture of the stage tasks' train splits, all seven or those named by --tasks, with C
+syn_caption batches per round), evaluates again, and writes `<out>/results.json` and
+`<out>/README.md`.
 
 Three references say whether a task is learnt from the images: the majority baseline (share
 of the most frequent answer among the evaluated examples); the trained model evaluated with
@@ -79,8 +80,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-examples", type=int, default=2000, help="train rows per task")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tasks", default=",".join(SYNTHETIC_STAGES),
+                        help="comma-separated stage tasks to train on (all are evaluated)")
     parser.add_argument("--caption-weight", type=int, default=3,
-                        help="syn_caption batches per round of the seven stage tasks' batches")
+                        help="syn_caption batches per round of the stage tasks' batches")
     parser.add_argument("--caption-warmup", type=int, default=500,
                         help="syn_caption-only steps before the mixture (part of --steps)")
     parser.add_argument("--mixed-batches", action="store_true",
@@ -99,6 +102,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="where to build the benchmark (default: a temporary folder)")
     args = parser.parse_args(argv)
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in args.tasks if t not in SYNTHETIC_STAGES]
+    if unknown or not args.tasks:
+        parser.error(f"--tasks: {', '.join(unknown) or 'none given'} not among the stage tasks "
+                     f"{', '.join(SYNTHETIC_STAGES)}")
     if args.caption_weight < 0 or args.caption_warmup < 0:
         parser.error("--caption-weight and --caption-warmup must be >= 0")
     if args.caption_warmup >= args.steps:
@@ -289,6 +297,9 @@ def write_readme(path: Path, results: dict[str, Any]) -> None:
     """The table and a plain statement of the outcome."""
     blind = results.get("blind_baseline", False)
     rows, improved, trivial = [], [], []
+    trained = results.get("trained_tasks", list(SYNTHETIC_STAGES))
+    untrained = [t for t in SYNTHETIC_STAGES if t not in trained]
+    which = "the seven stage tasks'" if not untrained else f"{', '.join(trained)}'"
     for task, r in results["tasks"].items():
         se = standard_error(r["trained"], r["n"])
         lookup = "-" if r["lookup"] is None else _pct(r["lookup"])
@@ -297,18 +308,20 @@ def write_readme(path: Path, results: dict[str, Any]) -> None:
                     f"{_pct(r['trained'])} "
                     f"± {_pct(se)} | {_pct(r['blank'])} | "
                     + (f"{_pct(r['blind'])} | " if blind else "") + f"{r['n']} |")
-        if get_task(task).role == "stage":
+        if task in trained:
             reads = r["trained"] - question_only(r) > 2 * se
             (improved if reads else trivial).append(task)
     baselines = "majority, lookup, blank" + (", blind-trained" if blind else "")
-    outcome = (f"Stage tasks whose trained accuracy beats every question-only baseline "
+    outcome = (f"Trained stage tasks whose trained accuracy beats every question-only baseline "
                f"({baselines}) by more than two standard errors: {', '.join(improved) or 'none'}. "
-               f"Stage tasks that do not, in this budget: {', '.join(trivial) or 'none'}.")
+               f"Stage tasks that do not, in this budget: {', '.join(trivial) or 'none'}."
+               + (f" Not trained on in this run: {', '.join(untrained)}." if untrained else ""))
     weight, warmup = results.get("caption_weight", 0), results.get("caption_warmup", 0)
-    captions = f", and {weight} syn_caption batches per round of seven" if weight else ""
+    captions = (f", and {weight} syn_caption batches per round of {len(trained)}" if weight
+                else "")
     first = f"the first {warmup} steps on syn_caption alone, then " if warmup else ""
     mixed = results.get("mixed_batches")
-    per_batch = ("every batch drawn from all seven shuffled together" if mixed
+    per_batch = ("every batch drawn from all of them shuffled together" if mixed
                  else "one task per batch")
     order = "the" if mixed else "the round-robin"
     blind_column, blind_rule = "", ""
@@ -319,7 +332,7 @@ def write_readme(path: Path, results: dict[str, Any]) -> None:
     text = f"""# Synthetic benchmark: learnability by the `{results['preset']}` model
 
 - Command: `{results['command']}` (commit `{results['commit']}`).
-- Training: SFT with {first}{order} mixture of the seven stage tasks' train splits
+- Training: SFT with {first}{order} mixture of {which} train splits
   ({per_batch}{captions}), batch {results['batch_size']}, {results['steps']} steps, \
 AdamW lr {results['learning_rate']:g} (vision tower x{results.get('vision_lr_scale', 1.0):g}) \
 with warm-up {results.get('warmup_ratio', 0.1):g} and cosine decay, {results['dtype']} compute;
@@ -366,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def recipe(model: Qwen2_5_VL, blank: bool) -> tuple[Qwen2_5_VL, list[float], float]:
             batches = mixture(tokenizer, data_dir, batch_size=args.batch_size, seed=args.seed,
-                              caption_weight=args.caption_weight,
+                              tasks=args.tasks, caption_weight=args.caption_weight,
                               caption_warmup=args.caption_warmup, mixed=args.mixed_batches)
             return train(model, batches, steps=args.steps, learning_rate=args.learning_rate,
                          vision_lr_scale=args.vision_lr_scale, warmup_ratio=WARMUP_RATIO,
@@ -409,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "preset": args.preset, "steps": args.steps, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "dtype": args.dtype, "seed": args.seed,
         "caption_weight": args.caption_weight, "caption_warmup": args.caption_warmup,
-        "mixed_batches": args.mixed_batches,
+        "mixed_batches": args.mixed_batches, "trained_tasks": args.tasks,
         "vision_lr_scale": args.vision_lr_scale, "warmup_ratio": WARMUP_RATIO,
         "blind_baseline": args.blind_baseline,
         "train_examples_per_task": args.train_examples, "new_tokens": args.new_tokens,
