@@ -4,6 +4,7 @@ results.json files; run again, it resumes instead of starting over."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import statistics
@@ -67,6 +68,27 @@ def test_base_mixture_warms_up_on_captions_then_alternates_cot_and_no_cot(tmp_pa
     assert mini_paper_report._caption_share(record) == "one syn_caption batch in 20"
     for task in ("Is there a", "What is", "What word"):  # pope, arith and ocr rows all appear
         assert any(task in r for r in questions), task
+
+
+def test_work_folder_built_by_other_generators_is_refused(tmp_path, capsys):
+    data, scale = tmp_path / "work" / "data", mini_paper.QUICK
+    mini_paper.build_data(data, scale)
+    stamp = (data / "fingerprint.txt").read_text().strip()
+    assert stamp == mini_paper.data_fingerprint(scale)
+    built = (data / "cpt_jax").stat().st_mtime_ns
+    mini_paper.build_data(data, scale)  # this code's data: kept as it is
+    assert (data / "cpt_jax").stat().st_mtime_ns == built
+    # Another scale, or a generator that changed since, gives another fingerprint.
+    assert mini_paper.data_fingerprint(dataclasses.replace(scale, train_rows=41)) != stamp
+    (data / "fingerprint.txt").write_text("0123456789abcdef\n")
+    with pytest.raises(mini_paper.StaleWorkError, match="0123456789abcdef"):
+        mini_paper.build_data(data, scale)
+    (data / "fingerprint.txt").unlink()  # built before the stamp existed
+    args = ["--quick", "--out", str(tmp_path / "report"), "--work", str(tmp_path / "work")]
+    assert mini_paper.main(args) == 2
+    error = capsys.readouterr().err
+    assert f"{data} holds a synthetic benchmark" in error and "missing" in error
+    assert (data / "cpt_jax").stat().st_mtime_ns == built  # nothing deleted
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -47,8 +48,8 @@ from flax import nnx
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from cpt_jax.config import RunConfig, load_run_config
-from cpt_jax.data import build
-from cpt_jax.data.sources import SourceNotBuiltError, load_source
+from cpt_jax.data import build, synthetic
+from cpt_jax.data.sources import load_source
 from cpt_jax.data.tasks import SYNTHETIC_GENERAL, SYNTHETIC_PRETRAIN, SYNTHETIC_STAGES, reward_fn
 from cpt_jax.data.tokenizer import task_tokenizer
 from cpt_jax.evaluation import evaluate_task, greedy_sampler
@@ -129,19 +130,38 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- data and base
+class StaleWorkError(RuntimeError):
+    """The work folder holds data built by other generators or at another scale."""
+
+
+def data_fingerprint(scale: Scale) -> str:
+    """The benchmark this code builds at this scale, in a few bytes: the sizes and the first
+    generated rows of every task (a changed generator changes them)."""
+    digest = hashlib.blake2b(f"{scale.train_rows} {scale.test_rows}".encode(), digest_size=8)
+    for task in (*BASE_TASKS, *SYNTHETIC_PRETRAIN):
+        for split in ("train", "test"):
+            for row in synthetic.generate(task, split=split, num=4, seed=0):
+                digest.update(json.dumps([task, row["problem"], row["answer"]]).encode())
+    return digest.hexdigest()
+
+
 def build_data(data_dir: Path, scale: Scale) -> None:
-    """The synthetic benchmark at this scale, unless it is built there already."""
-    try:
-        rows = len(load_source(SYNTHETIC_STAGES[0], "train", data_dir=data_dir))
-        for task in BASE_TASKS:
-            load_source(task, "train", data_dir=data_dir)
-        if rows == scale.train_rows:
-            return
-    except SourceNotBuiltError:
-        pass
+    """The synthetic benchmark at this scale, unless this code built it there already; data
+    that other code or another scale built is an error (the base and the runs trained on it
+    are stale too), never silently reused nor deleted."""
+    stamp, expected = data_dir / "fingerprint.txt", data_fingerprint(scale)
+    if stamp.exists() and stamp.read_text().strip() == expected:
+        return
+    if stamp.exists() or (data_dir.exists() and any(data_dir.iterdir())):
+        raise StaleWorkError(
+            f"{data_dir} holds a synthetic benchmark that this code at this scale did not "
+            f"build ({stamp.name}: {stamp.read_text().strip() if stamp.exists() else 'missing'}"
+            f", expected {expected}); the base and runs beside it are stale: delete "
+            f"{data_dir.parent} or pass another --work")
     if build.main(["--synthetic", "--train", str(scale.train_rows), "--test",
                    str(scale.test_rows), "--data-dir", str(data_dir)]) != 0:
         raise RuntimeError(f"building the synthetic benchmark into {data_dir} failed")
+    stamp.write_text(expected + "\n")
 
 
 def base_mixture(tokenizer: PreTrainedTokenizerBase, data_dir: Path, config: RunConfig,
@@ -348,7 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = load_run_config(CONFIGS / "common.yaml", scale.overrides())
     print(f"data: the synthetic benchmark ({scale.train_rows} train rows per task) in "
           f"{args.work / 'data'}", flush=True)
-    build_data(args.work / "data", scale)
+    try:
+        build_data(args.work / "data", scale)
+    except StaleWorkError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"base: {scale.base_steps} SFT steps of the `{common.model.preset}` preset", flush=True)
     base_training = train_base(args.work, common, scale)
     base_path = args.out / "base.json"
