@@ -44,7 +44,7 @@ def test_learnability_writes_results_and_table(tmp_path):
     assert "| majority | lookup | untrained |" in readme
     assert "| blank | blind-trained | n |" in readme and "first 1 steps on syn_caption" in readme
     assert "every batch drawn from all of them shuffled together" in readme
-    assert "mixture of syn_texture, syn_geometry' train splits" in readme
+    assert "mixture of the train splits of syn_texture, syn_geometry\n" in readme
     assert "1 syn_caption batches per round of 2" in readme
     untrained = [t for t in SYNTHETIC_STAGES if t not in ("syn_texture", "syn_geometry")]
     assert f"Not trained on in this run: {', '.join(untrained)}." in readme

@@ -299,7 +299,8 @@ def write_readme(path: Path, results: dict[str, Any]) -> None:
     rows, improved, trivial = [], [], []
     trained = results.get("trained_tasks", list(SYNTHETIC_STAGES))
     untrained = [t for t in SYNTHETIC_STAGES if t not in trained]
-    which = "the seven stage tasks'" if not untrained else f"{', '.join(trained)}'"
+    which = ("the seven stage tasks' train splits" if not untrained
+             else f"the train splits of {', '.join(trained)}")
     for task, r in results["tasks"].items():
         se = standard_error(r["trained"], r["n"])
         lookup = "-" if r["lookup"] is None else _pct(r["lookup"])
@@ -332,7 +333,7 @@ def write_readme(path: Path, results: dict[str, Any]) -> None:
     text = f"""# Synthetic benchmark: learnability by the `{results['preset']}` model
 
 - Command: `{results['command']}` (commit `{results['commit']}`).
-- Training: SFT with {first}{order} mixture of {which} train splits
+- Training: SFT with {first}{order} mixture of {which}
   ({per_batch}{captions}), batch {results['batch_size']}, {results['steps']} steps, \
 AdamW lr {results['learning_rate']:g} (vision tower x{results.get('vision_lr_scale', 1.0):g}) \
 with warm-up {results.get('warmup_ratio', 0.1):g} and cosine decay, {results['dtype']} compute;
