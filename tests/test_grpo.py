@@ -8,6 +8,7 @@ import functools
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -21,7 +22,7 @@ from cpt_jax.data.tokenizer import build_tokenizer, preset_special_tokens
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset
 from cpt_jax.optim import make_optimizer
 from cpt_jax.rl import grpo
-from cpt_jax.rl.groups import training_batch
+from cpt_jax.rl.groups import shared_prefix_batch, training_batch
 from cpt_jax.rl.grpo import GRPOConfig, GRPOTrainer, group_advantages, make_logprob_fn
 from cpt_jax.sft import TrainState
 
@@ -85,6 +86,51 @@ def test_update_batch_logprobs_equal_the_sampler(data_dir, tokenizer):
     whole_row = make_logprob_fn(model, GRPO.temperature, 10_000)
     np.testing.assert_allclose(np.asarray(whole_row((state.params, state.rest), batch))[mask],
                                logprobs[mask], atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [4, 8, 2])
+def test_shared_prefix_layout_gives_the_same_logprobs_and_gradients(data_dir, tokenizer, rows):
+    """Each prompt once per group (micro-batches of one group, two groups, half a group):
+    the answer tokens' log-probs, entropies and the gradient of a loss on them equal those of
+    the layout that repeats the prompt and its images per answer."""
+    model, trainer, state = _trainer(tokenizer)
+    groups = trainer.rollout_groups((state.params, state.rest),
+                                    next(_prompt_batches(data_dir, tokenizer)), jax.random.key(1))
+    kw = dict(prompt_length=384, rows_per_micro_batch=rows, min_patches=256,
+              pad_id=CONFIG.pad_token_id)
+    full, shared = training_batch(groups, model, **kw), shared_prefix_batch(groups, model, **kw)
+    assert shared["prompt_ids"].shape == (8 // rows, max(rows // 4, 1), 384)
+    assert shared["answer_ids"].shape == (8 // rows, rows, GRPO.max_new_tokens)
+    mask = full["response_mask"][..., -GRPO.max_new_tokens:]
+    np.testing.assert_array_equal(shared["response_mask"], mask)
+    weights = np.random.default_rng(0).standard_normal(mask.shape).astype(np.float32) * mask
+    graphdef = nnx.graphdef(model)
+
+    def loss_and_stats(params, fn, batch):
+        def one(micro, w):
+            logprobs, entropy = fn(nnx.merge(graphdef, params, state.rest), micro)
+            return logprobs, entropy, jnp.sum(logprobs * w)
+        logprobs, entropy, losses = jax.lax.map(lambda xs: one(*xs), (batch, weights))
+        return losses.sum(), (logprobs, entropy)
+
+    def unshared(model, micro):
+        logprobs, entropy = grpo.token_logprobs(model, micro, GRPO.temperature,
+                                                GRPO.max_new_tokens)
+        return logprobs[:, -GRPO.max_new_tokens:], entropy[:, -GRPO.max_new_tokens:]
+
+    def shared_fn(model, micro):
+        return grpo.shared_prefix_logprobs(model, micro, GRPO.temperature)
+
+    results = [jax.jit(jax.value_and_grad(loss_and_stats, has_aux=True), static_argnums=1)(
+        state.params, fn, batch) for fn, batch in ((unshared, full), (shared_fn, shared))]
+    ((loss_a, (lp_a, ent_a)), grad_a), ((loss_b, (lp_b, ent_b)), grad_b) = results
+    on = mask.astype(bool)
+    assert np.abs(np.asarray(lp_a) - np.asarray(lp_b))[on].max() <= 1e-5
+    assert np.abs(np.asarray(ent_a) - np.asarray(ent_b))[on].max() <= 1e-5
+    assert np.abs(np.asarray(lp_b) - shared["sampler_logprobs"])[on].max() <= 1e-4
+    np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-5)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grad_a))
+    assert _largest_difference(grad_a, grad_b) <= 1e-4 * scale
 
 
 def _rigged_scores(texts, answers):

@@ -146,3 +146,70 @@ def _micro_batch(rows: Sequence[tuple[Group, int]], model: Qwen2_5_VL, prompt_le
     return {"input_ids": np.asarray(ids_j), "positions": np.asarray(positions),
             "attention_mask": np.asarray(mask), "response_mask": response,
             "sampler_logprobs": sampler_logprobs, "vision": vision}
+
+
+def shared_prefix_batch(groups: Sequence[Group], model: Qwen2_5_VL, *, prompt_length: int,
+                        rows_per_micro_batch: int, min_patches: int = 64,
+                        pad_id: int = 0) -> dict[str, Any]:
+    """Groups -> the GRPO update's input with each prompt held once, stacked on a leading
+    micro-batch axis.
+
+    A micro-batch holds whole groups (or, when a group is larger than a micro-batch, a run of
+    one group's answers): `prompt_ids` / `prompt_positions` / `prompt_mask` / `vision` have
+    one row per prompt, left-padded to `prompt_length`, with that prompt's images once; the
+    answer arrays (`answer_ids`, `answer_mask`, `response_mask`, `sampler_logprobs`) have one
+    row per answer, prompt-major, `max_new` columns. Where `training_batch` repeats a prompt
+    and its images for each of the group's answers, this layout lets the forward encode the
+    images and run the prompt once per group (`grpo.shared_prefix_logprobs`).
+    """
+    sizes = {len(g.tokens) for g in groups}
+    if len(sizes) != 1:
+        raise ValueError(f"groups of different sizes {sorted(sizes)} do not share one layout")
+    group_size = sizes.pop()
+    rows = rows_per_micro_batch
+    if rows % group_size and group_size % rows:
+        raise ValueError(f"rows_per_micro_batch {rows} and group size {group_size}: one must "
+                         f"divide the other")
+    if (len(groups) * group_size) % rows:
+        raise ValueError(f"{len(groups) * group_size} answers do not split into micro-batches "
+                         f"of {rows} rows")
+    if max(len(g.prompt_ids) for g in groups) > prompt_length:
+        raise ValueError(f"a prompt is longer than prompt_length {prompt_length}")
+    answers = min(rows, group_size)  # per prompt row of a micro-batch
+    parts = [(g, j) for g in groups for j in range(0, group_size, answers)]
+    per_micro = max(1, rows // group_size)
+    micro = [parts[i:i + per_micro] for i in range(0, len(parts), per_micro)]
+    largest = max(sum(len(g.patches) for g, _ in m) for m in micro)
+    patches = patch_bucket(largest, min_patches) if largest else None
+    prepared = [_shared_micro_batch(m, answers, model, prompt_length, patches, pad_id)
+                for m in micro]
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *prepared)
+
+
+def _shared_micro_batch(parts: Sequence[tuple[Group, int]], answers: int, model: Qwen2_5_VL,
+                        prompt_length: int, patches: int | None, pad_id: int
+                        ) -> dict[str, Any]:
+    ids = np.full((len(parts), prompt_length), pad_id, np.int32)
+    attention = np.zeros((len(parts), prompt_length), np.int32)
+    for i, (group, _) in enumerate(parts):
+        ids[i, prompt_length - len(group.prompt_ids):] = group.prompt_ids
+        attention[i, prompt_length - len(group.prompt_ids):] = 1
+    images = {}
+    if patches is not None and sum(len(g.grids) for g, _ in parts):
+        images = {"pixel_values": np.concatenate([g.patches for g, _ in parts]),
+                  "pad_patches_to": patches,
+                  "image_grid_thw": np.concatenate([g.grids for g, _ in parts])}
+    ids_j, positions, mask, vision, _ = model.prepare_inputs(ids, attention_mask=attention,
+                                                             **images)
+    if vision is None and patches is not None:  # a text-only micro-batch among image ones
+        vision = VisionInputs.blank(model.config.vision, pad_to=patches)
+
+    def answer_rows(field: str) -> np.ndarray:
+        return np.concatenate([getattr(g, field)[j:j + answers] for g, j in parts])
+
+    return {"prompt_ids": np.asarray(ids_j), "prompt_positions": np.asarray(positions),
+            "prompt_mask": np.asarray(mask), "vision": vision,
+            "answer_ids": answer_rows("tokens").astype(np.int32),
+            "answer_mask": answer_rows("mask").astype(np.int32),
+            "response_mask": answer_rows("mask").astype(np.int32),
+            "sampler_logprobs": answer_rows("logprobs").astype(np.float32)}

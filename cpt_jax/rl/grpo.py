@@ -29,7 +29,7 @@ from flax import nnx
 from transformers import PreTrainedTokenizerBase
 
 from cpt_jax.data.tasks import ScoreFn
-from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL
+from cpt_jax.models.qwen2_5_vl import GroupCache, Qwen2_5_VL
 from cpt_jax.optim import current_learning_rate
 from cpt_jax.rl import algorithms
 from cpt_jax.rl.groups import Group, split_into_groups, training_batch
@@ -118,6 +118,34 @@ def token_logprobs(model: Qwen2_5_VL, batch: UpdateBatch, temperature: float,
     logprobs, entropy = per_position(model, hidden[:, start - 1:-1], ids[:, start:], stats)
     pad = ((0, 0), (start, 0))
     return jnp.pad(logprobs, pad), jnp.pad(entropy, pad)
+
+
+def shared_prefix_logprobs(model: Qwen2_5_VL, micro: UpdateBatch, temperature: float
+                           ) -> tuple[jax.Array, jax.Array]:
+    """`token_logprobs` over `groups.shared_prefix_batch`'s layout: each prompt (and its
+    images) runs once into a cache, and its answers run against that cache as one group
+    (`GroupCache`), so the prompt's work is done once per group instead of once per answer.
+    Returns log-probs and entropies [answers, max_new]: column t is answer token t."""
+    prompts, prompt_length = micro["prompt_ids"].shape
+    rows, answer_length = micro["answer_ids"].shape
+    cache = model.init_cache(prompts, prompt_length)
+    prompt_hidden, cache = model.hidden_states(micro["prompt_ids"], micro["prompt_positions"],
+                                               micro["prompt_mask"], micro.get("vision"), cache)
+    cache = GroupCache.after_prefill(cache, rows // prompts, answer_length)
+    positions = cache.next_position[:, None] + jnp.arange(answer_length, dtype=jnp.int32)
+    positions = jnp.broadcast_to(positions[None], (3, rows, answer_length))
+    answer_hidden, _ = model.hidden_states(micro["answer_ids"], positions, micro["answer_mask"],
+                                           None, cache)
+    # Answer token t is predicted by the hidden state before it: the prompt's last for t = 0.
+    before = jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], rows // prompts, axis=0),
+                              answer_hidden[:, :-1]], axis=1)
+    scale = 1.0 / (temperature if temperature > 0 else 1.0)
+
+    def stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = logits * scale
+        return target_logprobs(logits, targets), algorithms.entropy_from_logits(logits)
+
+    return per_position(model, before, micro["answer_ids"], stats)
 
 
 def make_logprob_fn(model: nnx.Module, temperature: float, answer_length: int
