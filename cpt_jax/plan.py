@@ -61,8 +61,8 @@ from cpt_jax.models.qwen2_5_vl import (  # noqa: E402
     preset,
 )
 from cpt_jax.optim import make_optimizer  # noqa: E402
-from cpt_jax.rl.groups import Group, training_batch  # noqa: E402
-from cpt_jax.rl.grpo import logprob_program, make_grpo_update  # noqa: E402
+from cpt_jax.rl.groups import Group, shared_prefix_batch  # noqa: E402
+from cpt_jax.rl.grpo import MODEL_INPUTS, logprob_program, make_grpo_update  # noqa: E402
 from cpt_jax.rl.sampler import Prompts, prepare_prompts, sampler_program  # noqa: E402
 from cpt_jax.sft import TrainState, make_sft_step, stack_micro_batches  # noqa: E402
 from cpt_jax.sharding import (  # noqa: E402
@@ -224,17 +224,22 @@ class Planner:
         patches = np.zeros((int(np.prod(self.grid)), PATCH_DIM), np.float32)
         prompt = self._row_ids(prompt_length, 8)
         new = grpo.max_new_tokens
+        # One micro-batch: whole groups, or the part of one group that a micro-batch holds.
+        answers = min(rows, grpo.group_size)
         groups = [Group(instance_id=0, answer="", prompt_ids=prompt, patches=patches,
-                        grids=np.asarray([self.grid]), tokens=np.full((1, new), 100, np.int32),
-                        mask=np.ones((1, new), np.int32), logprobs=np.zeros((1, new), np.float32),
-                        texts=[""], scores=[{}]) for _ in range(rows)]
-        batch = training_batch(groups, self.model, prompt_length=prompt_length,
-                               rows_per_micro_batch=rows, min_patches=grpo.min_patches)
+                        grids=np.asarray([self.grid]),
+                        tokens=np.full((answers, new), 100, np.int32),
+                        mask=np.ones((answers, new), np.int32),
+                        logprobs=np.zeros((answers, new), np.float32),
+                        texts=[""] * answers, scores=[{}] * answers)
+                  for _ in range(max(1, rows // grpo.group_size))]
+        batch = shared_prefix_batch(groups, self.model, prompt_length=prompt_length,
+                                    rows_per_micro_batch=rows, min_patches=grpo.min_patches)
         batch.pop("sampler_logprobs")
-        batch["advantages"] = np.zeros(batch["input_ids"].shape[:2], np.float32)
+        batch["advantages"] = np.zeros(batch["answer_ids"].shape[:2], np.float32)
         wanted = ["old_logprobs"] * (not grpo.on_policy) + ["ref_logprobs"] * (grpo.kl_coef > 0)
         for key in wanted:
-            batch[key] = np.zeros(batch["input_ids"].shape, np.float32)
+            batch[key] = np.zeros(batch["answer_ids"].shape, np.float32)
         answers = grpo.prompts_per_step // grpo.mini_batches * grpo.group_size
         micro_batches = answers // rows
         return _stacked(batch, batch_shardings(batch, self.mesh), micro_batches), micro_batches
@@ -293,7 +298,7 @@ class Planner:
             found["prefill"] = lambda: (self._prefill(), (states, self.prompts()))
             found["decode_step"] = lambda: (self._decode(), (states, self._cache()))
             found["logprobs"] = lambda: (
-                logprob_program(self.model, grpo.temperature, grpo.max_new_tokens),
+                logprob_program(self.model, grpo.temperature),
                 (states, _without_update_keys(self.update_batch()[0])))
             found["grpo_update"] = lambda: (
                 make_grpo_update(self.model, self.optimizer("grpo"), grpo),
@@ -363,20 +368,20 @@ class Planner:
             grpo = config.grpo
             prompts, answers = grpo.prompts_per_step, grpo.prompts_per_step * grpo.group_size
             length = self.prompt_length() + grpo.max_new_tokens
-            sampling = (forward(prompts, self.prompt_length())
-                        + answers * grpo.max_new_tokens * 2 * n_text
-                        + answers * 4 * text.num_hidden_layers * text.hidden_size
-                        * grpo.max_new_tokens * length)
+            # The sampler and the scoring forwards alike run each prompt once and its answers'
+            # tokens against its cache.
+            scored = (forward(prompts, self.prompt_length())
+                      + answers * grpo.max_new_tokens * 2 * n_text
+                      + answers * 4 * text.num_hidden_layers * text.hidden_size
+                      * grpo.max_new_tokens * length)
             old = not grpo_config(grpo).on_policy  # else the update's own log-probs serve
-            logprobs = (old + (grpo.kl_coef > 0)) * forward(answers, length)
-            updates = grpo.ppo_epochs * 3 * forward(answers, length)
-            found["grpo"] = sampling + logprobs + updates
+            # Sampling, the old and reference log-probs, and forward + backward per epoch.
+            found["grpo"] = (1 + old + (grpo.kl_coef > 0) + 3 * grpo.ppo_epochs) * scored
         return found
 
 
 def _without_update_keys(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in batch.items()
-            if k in ("input_ids", "positions", "attention_mask", "vision")}
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
 
 def measure(lowered: Any) -> ProgramReport:

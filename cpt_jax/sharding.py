@@ -114,10 +114,12 @@ def shard_state(state: nnx.State, mesh: Mesh,
 
 
 # Where the batch (rows) axis sits in each array of a step's stacked batch
-# ([micro_batches, rows, ...]; positions are [micro_batches, 3, rows, length]).
+# ([micro_batches, rows, ...]; positions are [micro_batches, 3, rows, length]; a GRPO batch's
+# prompt arrays have a row per prompt, its answer arrays a row per answer).
 BATCH_AXIS = {"input_ids": 1, "attention_mask": 1, "loss_mask": 1, "loss_positions": 1,
               "response_mask": 1, "old_logprobs": 1, "ref_logprobs": 1, "advantages": 1,
-              "positions": 2}
+              "positions": 2, "prompt_ids": 1, "prompt_mask": 1, "prompt_positions": 2,
+              "answer_ids": 1, "answer_mask": 1}
 
 
 def batch_shardings(batch: dict, mesh: Mesh) -> dict:

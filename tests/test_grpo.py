@@ -22,7 +22,7 @@ from cpt_jax.data.tokenizer import build_tokenizer, preset_special_tokens
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset
 from cpt_jax.optim import make_optimizer
 from cpt_jax.rl import grpo
-from cpt_jax.rl.groups import shared_prefix_batch, training_batch
+from cpt_jax.rl.groups import shared_prefix_batch
 from cpt_jax.rl.grpo import GRPOConfig, GRPOTrainer, group_advantages, make_logprob_fn
 from cpt_jax.sft import TrainState
 
@@ -66,68 +66,80 @@ def _trainer(tokenizer, config=GRPO, score_fn=None, seed=0):
 
 
 def test_update_batch_logprobs_equal_the_sampler(data_dir, tokenizer):
-    """The training batch (prompts re-padded, images copied per answer) gives the sampled
-    tokens the log-probs the sampler drew them with, whatever answer length it is told."""
+    """The training batch (each prompt re-padded once, its answers beside it) gives the
+    sampled tokens the log-probs the sampler drew them with."""
     model, trainer, state = _trainer(tokenizer)
     groups = trainer.rollout_groups((state.params, state.rest),
                                     next(_prompt_batches(data_dir, tokenizer)), jax.random.key(1))
     assert len(groups) == 2 and all(len(g.grids) == 1 for g in groups)
-    batch = training_batch(groups, model, prompt_length=384, rows_per_micro_batch=4,
-                           min_patches=256, pad_id=CONFIG.pad_token_id)
-    assert batch["input_ids"].shape == (2, 4, 390)
-    logprob_fn = make_logprob_fn(model, GRPO.temperature, GRPO.max_new_tokens)
+    batch = shared_prefix_batch(groups, model, prompt_length=384, rows_per_micro_batch=4,
+                                min_patches=256, pad_id=CONFIG.pad_token_id)
+    assert batch["prompt_ids"].shape == (2, 1, 384)
+    assert batch["answer_ids"].shape == (2, 4, GRPO.max_new_tokens)
+    logprob_fn = make_logprob_fn(model, GRPO.temperature)
     logprobs = np.asarray(logprob_fn((state.params, state.rest), batch))
     mask = batch["response_mask"].astype(bool)
     diff = np.abs(logprobs - batch["sampler_logprobs"])[mask].max()
     print(f"max |update batch - sampler log-prob| = {diff:.2e} over {mask.sum()} tokens")
     assert diff <= 1e-4
     assert mask.sum() == sum(int(g.mask.sum()) for g in groups)
-    # An answer length past the row (rows shorter than max_new_tokens) is clipped to it.
-    whole_row = make_logprob_fn(model, GRPO.temperature, 10_000)
-    np.testing.assert_allclose(np.asarray(whole_row((state.params, state.rest), batch))[mask],
-                               logprobs[mask], atol=1e-5)
+
+
+def _repeated_prompt_logprobs(model, groups, temperature):
+    """The reference: every answer as its own row (prompt, left-padded, then the answer, with
+    its own copy of the images) through the plain uncached forward; log-probs [answers,
+    max_new] of the answer tokens, prompt-major."""
+    new = groups[0].tokens.shape[1]
+    rows = [(g, j) for g in groups for j in range(len(g.tokens))]
+    length = 384 + new
+    ids = np.full((len(rows), length), CONFIG.pad_token_id, np.int32)
+    attention = np.zeros((len(rows), length), np.int32)
+    for i, (g, j) in enumerate(rows):
+        ids[i, 384 - len(g.prompt_ids):384] = g.prompt_ids
+        attention[i, 384 - len(g.prompt_ids):384] = 1
+        ids[i, 384:] = g.tokens[j]
+        attention[i, 384:] = g.mask[j]
+    ids, positions, mask, vision, _ = model.prepare_inputs(
+        ids, attention_mask=attention, pixel_values=np.concatenate([g.patches for g, _ in rows]),
+        image_grid_thw=np.concatenate([g.grids for g, _ in rows]))
+    logits, _ = model.forward(ids, positions, mask, vision)
+    logprobs = jax.nn.log_softmax(logits[:, 384 - 1:-1] / temperature, axis=-1)
+    return jnp.take_along_axis(logprobs, ids[:, 384:, None], axis=-1)[..., 0]
 
 
 @pytest.mark.parametrize("rows", [4, 8, 2])
-def test_shared_prefix_layout_gives_the_same_logprobs_and_gradients(data_dir, tokenizer, rows):
+def test_shared_prefix_logprobs_and_gradients_equal_the_repeated_prompt_forward(
+        data_dir, tokenizer, rows):
     """Each prompt once per group (micro-batches of one group, two groups, half a group):
-    the answer tokens' log-probs, entropies and the gradient of a loss on them equal those of
-    the layout that repeats the prompt and its images per answer."""
+    the answer tokens' log-probs and the gradient of a loss on them equal those of the plain
+    forward over every answer's own copy of its prompt and images."""
     model, trainer, state = _trainer(tokenizer)
     groups = trainer.rollout_groups((state.params, state.rest),
                                     next(_prompt_batches(data_dir, tokenizer)), jax.random.key(1))
-    kw = dict(prompt_length=384, rows_per_micro_batch=rows, min_patches=256,
-              pad_id=CONFIG.pad_token_id)
-    full, shared = training_batch(groups, model, **kw), shared_prefix_batch(groups, model, **kw)
+    shared = shared_prefix_batch(groups, model, prompt_length=384, rows_per_micro_batch=rows,
+                                 min_patches=256, pad_id=CONFIG.pad_token_id)
     assert shared["prompt_ids"].shape == (8 // rows, max(rows // 4, 1), 384)
     assert shared["answer_ids"].shape == (8 // rows, rows, GRPO.max_new_tokens)
-    mask = full["response_mask"][..., -GRPO.max_new_tokens:]
-    np.testing.assert_array_equal(shared["response_mask"], mask)
+    mask = shared["response_mask"].reshape(8, -1)
     weights = np.random.default_rng(0).standard_normal(mask.shape).astype(np.float32) * mask
     graphdef = nnx.graphdef(model)
 
-    def loss_and_stats(params, fn, batch):
-        def one(micro, w):
-            logprobs, entropy = fn(nnx.merge(graphdef, params, state.rest), micro)
-            return logprobs, entropy, jnp.sum(logprobs * w)
-        logprobs, entropy, losses = jax.lax.map(lambda xs: one(*xs), (batch, weights))
-        return losses.sum(), (logprobs, entropy)
+    def reference(params):
+        logprobs = _repeated_prompt_logprobs(nnx.merge(graphdef, params, state.rest), groups,
+                                             GRPO.temperature)
+        return jnp.sum(logprobs * weights), logprobs
 
-    def unshared(model, micro):
-        logprobs, entropy = grpo.token_logprobs(model, micro, GRPO.temperature,
-                                                GRPO.max_new_tokens)
-        return logprobs[:, -GRPO.max_new_tokens:], entropy[:, -GRPO.max_new_tokens:]
+    def ours(params):
+        model = nnx.merge(graphdef, params, state.rest)
+        logprobs = jax.lax.map(
+            lambda micro: grpo.shared_prefix_logprobs(model, micro, GRPO.temperature)[0],
+            shared).reshape(8, -1)
+        return jnp.sum(logprobs * weights), logprobs
 
-    def shared_fn(model, micro):
-        return grpo.shared_prefix_logprobs(model, micro, GRPO.temperature)
-
-    results = [jax.jit(jax.value_and_grad(loss_and_stats, has_aux=True), static_argnums=1)(
-        state.params, fn, batch) for fn, batch in ((unshared, full), (shared_fn, shared))]
-    ((loss_a, (lp_a, ent_a)), grad_a), ((loss_b, (lp_b, ent_b)), grad_b) = results
+    (loss_a, lp_a), grad_a = jax.jit(jax.value_and_grad(reference, has_aux=True))(state.params)
+    (loss_b, lp_b), grad_b = jax.jit(jax.value_and_grad(ours, has_aux=True))(state.params)
     on = mask.astype(bool)
     assert np.abs(np.asarray(lp_a) - np.asarray(lp_b))[on].max() <= 1e-5
-    assert np.abs(np.asarray(ent_a) - np.asarray(ent_b))[on].max() <= 1e-5
-    assert np.abs(np.asarray(lp_b) - shared["sampler_logprobs"])[on].max() <= 1e-4
     np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-5)
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grad_a))
     assert _largest_difference(grad_a, grad_b) <= 1e-4 * scale
@@ -168,11 +180,11 @@ def test_on_policy_update_skips_the_old_forward_and_matches_it(data_dir, tokeniz
     states = (state.params, state.rest)
     groups = trainer.rollout_groups(states, next(_prompt_batches(data_dir, tokenizer)),
                                     jax.random.key(3))
-    batch = training_batch(groups, model, prompt_length=384, rows_per_micro_batch=4,
-                           min_patches=256, pad_id=CONFIG.pad_token_id)
+    batch = shared_prefix_batch(groups, model, prompt_length=384, rows_per_micro_batch=4,
+                                min_patches=256, pad_id=CONFIG.pad_token_id)
     batch.pop("sampler_logprobs")
-    batch["advantages"] = group_advantages(groups, GRPO).reshape(batch["input_ids"].shape[:2])
-    inputs = {name: batch[name] for name in grpo._MODEL_INPUTS}
+    batch["advantages"] = group_advantages(groups, GRPO).reshape(batch["answer_ids"].shape[:2])
+    inputs = {name: batch[name] for name in grpo.MODEL_INPUTS}
     batch["ref_logprobs"] = trainer.logprobs(trainer.reference, inputs)
     with_old = {**batch, "old_logprobs": trainer.logprobs(states, inputs)}
     fed, fed_metrics = trainer.update(_copy(state), with_old)  # update donates its state
@@ -239,13 +251,13 @@ def test_filter_fills_with_dropped_groups_when_the_budget_runs_out(data_dir, tok
 def test_steps_compile_once(data_dir, tokenizer, monkeypatch):
     """Three steps on new prompts: the log-prob program and the update trace once each."""
     traces: list[int] = []
-    token_logprobs = grpo.token_logprobs
+    shared_prefix_logprobs = grpo.shared_prefix_logprobs
 
     def counted(*args):
         traces.append(1)
-        return token_logprobs(*args)
+        return shared_prefix_logprobs(*args)
 
-    monkeypatch.setattr(grpo, "token_logprobs", counted)
+    monkeypatch.setattr(grpo, "shared_prefix_logprobs", counted)
     _, trainer, state = _trainer(tokenizer)
     batches = _prompt_batches(data_dir, tokenizer)
     rewards = []

@@ -1,5 +1,5 @@
 """Rollout groups: a prompt with its sampled answers and their scores, and the fixed-shape
-training batches built from a list of them.
+training batches built from a list of them (each prompt once, its answers beside it).
 
 Working per group (rather than per prompt batch) is what lets online filtering drop the
 groups that carry no signal and fill the step from later prompt batches: the training batch is
@@ -90,64 +90,6 @@ def split_into_groups(batch: dict[str, np.ndarray], rollout: Rollout, *,
     return groups
 
 
-def training_batch(groups: Sequence[Group], model: Qwen2_5_VL, *, prompt_length: int,
-                   rows_per_micro_batch: int, min_patches: int = 64,
-                   pad_id: int = 0) -> dict[str, Any]:
-    """Groups -> the GRPO update's input, stacked on a leading micro-batch axis.
-
-    Row k * n + j is answer j of group k: its prompt left-padded to `prompt_length`, then the
-    answer (max_new tokens), so every row has length prompt_length + max_new. Each row carries
-    its own copy of the prompt's images; every micro-batch's patches are padded to the same
-    power-of-two bucket. Returns NumPy arrays: input_ids, positions, attention_mask,
-    response_mask [M, m, L], vision, and sampler_logprobs [M, m, L] (at the answer tokens).
-    """
-    answers = sum(len(g.tokens) for g in groups)
-    if not groups or answers % rows_per_micro_batch:
-        raise ValueError(f"{answers} answers do not split into micro-batches of "
-                         f"{rows_per_micro_batch} rows")
-    if max(len(g.prompt_ids) for g in groups) > prompt_length:
-        raise ValueError(f"a prompt is longer than prompt_length {prompt_length}")
-    rows = [(g, j) for g in groups for j in range(len(g.tokens))]
-    micro = [rows[i:i + rows_per_micro_batch] for i in range(0, len(rows),
-                                                             rows_per_micro_batch)]
-    largest = max(sum(len(g.patches) for g, _ in m) for m in micro)
-    patches = patch_bucket(largest, min_patches) if largest else None
-    prepared = [_micro_batch(m, model, prompt_length, patches, pad_id) for m in micro]
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *prepared)
-
-
-def _micro_batch(rows: Sequence[tuple[Group, int]], model: Qwen2_5_VL, prompt_length: int,
-                 patches: int | None, pad_id: int) -> dict[str, Any]:
-    new = rows[0][0].tokens.shape[1]
-    length = prompt_length + new
-    ids = np.full((len(rows), length), pad_id, np.int32)
-    attention = np.zeros((len(rows), length), np.int32)
-    response = np.zeros((len(rows), length), np.int32)
-    sampler_logprobs = np.zeros((len(rows), length), np.float32)
-    pixels, grids = [], []
-    for i, (group, j) in enumerate(rows):
-        p = len(group.prompt_ids)
-        ids[i, prompt_length - p:prompt_length] = group.prompt_ids
-        attention[i, prompt_length - p:prompt_length] = 1
-        ids[i, prompt_length:] = group.tokens[j]
-        attention[i, prompt_length:] = group.mask[j]
-        response[i, prompt_length:] = group.mask[j]
-        sampler_logprobs[i, prompt_length:] = group.logprobs[j]
-        pixels.append(group.patches)
-        grids.append(group.grids)
-    images = {}
-    if patches is not None and sum(len(g) for g in grids):
-        images = {"pixel_values": np.concatenate(pixels), "pad_patches_to": patches,
-                  "image_grid_thw": np.concatenate(grids)}
-    ids_j, positions, mask, vision, _ = model.prepare_inputs(ids, attention_mask=attention,
-                                                             **images)
-    if vision is None and patches is not None:  # a text-only micro-batch among image ones
-        vision = VisionInputs.blank(model.config.vision, pad_to=patches)
-    return {"input_ids": np.asarray(ids_j), "positions": np.asarray(positions),
-            "attention_mask": np.asarray(mask), "response_mask": response,
-            "sampler_logprobs": sampler_logprobs, "vision": vision}
-
-
 def shared_prefix_batch(groups: Sequence[Group], model: Qwen2_5_VL, *, prompt_length: int,
                         rows_per_micro_batch: int, min_patches: int = 64,
                         pad_id: int = 0) -> dict[str, Any]:
@@ -158,9 +100,10 @@ def shared_prefix_batch(groups: Sequence[Group], model: Qwen2_5_VL, *, prompt_le
     one group's answers): `prompt_ids` / `prompt_positions` / `prompt_mask` / `vision` have
     one row per prompt, left-padded to `prompt_length`, with that prompt's images once; the
     answer arrays (`answer_ids`, `answer_mask`, `response_mask`, `sampler_logprobs`) have one
-    row per answer, prompt-major, `max_new` columns. Where `training_batch` repeats a prompt
-    and its images for each of the group's answers, this layout lets the forward encode the
-    images and run the prompt once per group (`grpo.shared_prefix_logprobs`).
+    row per answer, prompt-major, `max_new` columns; every micro-batch's patches are padded
+    to the same power-of-two bucket. The forward encodes the images and runs the prompt once
+    per group (`grpo.shared_prefix_logprobs`); a layout with the prompt repeated per answer
+    encoded each image and ran each prompt `group_size` times.
     """
     sizes = {len(g.tokens) for g in groups}
     if len(sizes) != 1:

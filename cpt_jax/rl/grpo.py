@@ -5,7 +5,9 @@ One step consumes one rollout batch of `prompts_per_step` prompts x `group_size`
 1. the sampler draws the answers (one jitted program), the host decodes and scores them;
 2. with `online_filter`, groups whose answers all got the same reward (no signal) are
    dropped and later prompt batches are sampled to fill the step (DAPO's dynamic sampling);
-3. GRPO (or RLOO) advantages per group; the training batch is padded to static shapes;
+3. GRPO (or RLOO) advantages per group; the training batch is padded to static shapes, each
+   prompt and its images held once per group (`groups.shared_prefix_batch`): the forwards
+   below run a prompt once and its answers against its cache, not the prompt once per answer;
 4. the log-probs of the answers under the policy before the update ("old") and under the
    reference model, one jitted forward each; with one update per rollout (`on_policy`) the
    old log-probs are the update's own, held constant, and that forward is skipped (TRL does
@@ -32,13 +34,14 @@ from cpt_jax.data.tasks import ScoreFn
 from cpt_jax.models.qwen2_5_vl import GroupCache, Qwen2_5_VL
 from cpt_jax.optim import current_learning_rate
 from cpt_jax.rl import algorithms
-from cpt_jax.rl.groups import Group, split_into_groups, training_batch
+from cpt_jax.rl.groups import Group, shared_prefix_batch, split_into_groups
 from cpt_jax.rl.sampler import SamplingConfig, make_sampler, prepare_prompts, turn_stop_ids
 from cpt_jax.sft import TrainState, per_position, target_logprobs
 from cpt_jax.sharding import constrain_state
 
 UpdateBatch = dict[str, Any]
-_MODEL_INPUTS = ("input_ids", "positions", "attention_mask", "vision")
+MODEL_INPUTS = ("prompt_ids", "prompt_positions", "prompt_mask", "vision", "answer_ids",
+                 "answer_mask")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,10 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.micro_batch_rows % self.group_size and self.group_size % self.micro_batch_rows:
+            raise ValueError(f"micro_batch_rows {self.micro_batch_rows} must be a multiple or "
+                             f"a divisor of group_size {self.group_size} (a micro-batch holds "
+                             f"whole groups or equal parts of one)")
 
     @property
     def on_policy(self) -> bool:
@@ -98,34 +105,13 @@ class GRPOConfig:
                              f"mini-batch of {rows} answers")
 
 
-def token_logprobs(model: Qwen2_5_VL, batch: UpdateBatch, temperature: float,
-                   answer_length: int) -> tuple[jax.Array, jax.Array]:
-    """log softmax(logits / temperature) of each answer token given the tokens before it, and
-    the entropy of that distribution: [b, L] each, entry t for token t, 0 outside the answer
-    (`training_batch`'s layout: the answer is the last `answer_length` columns). Only the
-    answer's positions reach the vocabulary projection; an `answer_length` past the row is
-    clipped to every column but the first, which has no token before it."""
-    ids = batch["input_ids"]
-    hidden, _ = model.hidden_states(ids, batch["positions"], batch["attention_mask"],
-                                    batch["vision"])
-    scale = 1.0 / (temperature if temperature > 0 else 1.0)
-
-    def stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logits = logits * scale
-        return target_logprobs(logits, targets), algorithms.entropy_from_logits(logits)
-
-    start = max(ids.shape[1] - answer_length, 1)
-    logprobs, entropy = per_position(model, hidden[:, start - 1:-1], ids[:, start:], stats)
-    pad = ((0, 0), (start, 0))
-    return jnp.pad(logprobs, pad), jnp.pad(entropy, pad)
-
-
 def shared_prefix_logprobs(model: Qwen2_5_VL, micro: UpdateBatch, temperature: float
                            ) -> tuple[jax.Array, jax.Array]:
-    """`token_logprobs` over `groups.shared_prefix_batch`'s layout: each prompt (and its
-    images) runs once into a cache, and its answers run against that cache as one group
-    (`GroupCache`), so the prompt's work is done once per group instead of once per answer.
-    Returns log-probs and entropies [answers, max_new]: column t is answer token t."""
+    """log softmax(logits / temperature) of each answer token given the tokens before it, and
+    the entropy of that distribution, over `groups.shared_prefix_batch`'s layout: each prompt
+    (and its images) runs once into a cache, and its answers run against that cache as one
+    group (`GroupCache`), so the prompt's work is done once per group instead of once per
+    answer. Returns [answers, max_new] each: column t is answer token t."""
     prompts, prompt_length = micro["prompt_ids"].shape
     rows, answer_length = micro["answer_ids"].shape
     cache = model.init_cache(prompts, prompt_length)
@@ -148,15 +134,15 @@ def shared_prefix_logprobs(model: Qwen2_5_VL, micro: UpdateBatch, temperature: f
     return per_position(model, before, micro["answer_ids"], stats)
 
 
-def make_logprob_fn(model: nnx.Module, temperature: float, answer_length: int
+def make_logprob_fn(model: nnx.Module, temperature: float
                     ) -> Callable[[Sequence[nnx.State], UpdateBatch], jax.Array]:
-    """`fn(states, batch) -> logprobs [M, m, L]` over stacked micro-batches, one jitted program
-    (for the old policy's and the reference model's log-probs; no gradients)."""
-    fn = logprob_program(model, temperature, answer_length)
+    """`fn(states, batch) -> logprobs [M, m, max_new]` over stacked micro-batches, one jitted
+    program (for the old policy's and the reference model's log-probs; no gradients)."""
+    fn = logprob_program(model, temperature)
     return lambda states, batch: fn(tuple(states), batch)
 
 
-def logprob_program(model: nnx.Module, temperature: float, answer_length: int
+def logprob_program(model: nnx.Module, temperature: float
                     ) -> Callable[[tuple[nnx.State, ...], UpdateBatch], jax.Array]:
     """`make_logprob_fn`'s jitted program itself (states as a tuple): what `cpt_jax.plan`
     compiles as the reference forward."""
@@ -166,7 +152,7 @@ def logprob_program(model: nnx.Module, temperature: float, answer_length: int
     def fn(states: tuple[nnx.State, ...], batch: UpdateBatch) -> jax.Array:
         model = nnx.merge(graphdef, *states)
         return jax.lax.map(
-            lambda micro: token_logprobs(model, micro, temperature, answer_length)[0], batch)
+            lambda micro: shared_prefix_logprobs(model, micro, temperature)[0], batch)
 
     return fn
 
@@ -175,8 +161,7 @@ def grpo_loss(model: Qwen2_5_VL, micro: UpdateBatch, config: GRPOConfig
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One micro-batch's policy loss + kl_coef x KL, and its metrics. Without
     `old_logprobs` in the micro-batch (`GRPOConfig.on_policy`), the old policy is this one."""
-    logprobs, entropy = token_logprobs(model, micro, config.temperature,
-                                       config.max_new_tokens)
+    logprobs, entropy = shared_prefix_logprobs(model, micro, config.temperature)
     mask = micro["response_mask"]
     old = micro.get("old_logprobs", jax.lax.stop_gradient(logprobs))
     pg_loss, metrics = algorithms.policy_loss(
@@ -204,7 +189,7 @@ def make_grpo_update(model: nnx.Module, optimizer: optax.GradientTransformation,
     graphdef = nnx.graphdef(model)
 
     def update(state: TrainState, batch: UpdateBatch) -> tuple[TrainState, dict[str, jax.Array]]:
-        micro_batches = batch["input_ids"].shape[0]
+        micro_batches = batch["answer_ids"].shape[0]
 
         def loss_fn(params: nnx.State, micro: UpdateBatch):
             loss, metrics = grpo_loss(nnx.merge(graphdef, params, state.rest), micro, config)
@@ -261,7 +246,7 @@ class GRPOTrainer:
         stops = list(stop_ids) if stop_ids is not None else turn_stop_ids(tokenizer)
         self._template = model  # shape only: prepare_inputs and the graph definition
         self.sample = make_sampler(model, config.sampling, stop_ids=stops, pad_id=self.pad_id)
-        self.logprobs = make_logprob_fn(model, config.temperature, config.max_new_tokens)
+        self.logprobs = make_logprob_fn(model, config.temperature)
         self.update = make_grpo_update(model, optimizer, config)
 
     def rollout_groups(self, states: Sequence[nnx.State], batch: dict[str, np.ndarray],
@@ -312,14 +297,14 @@ class GRPOTrainer:
         minis = []
         for k in range(config.mini_batches):
             chosen = groups[k * per_mini:(k + 1) * per_mini]
-            batch = training_batch(chosen, self._template, prompt_length=prompt_length,
-                                   rows_per_micro_batch=config.micro_batch_rows,
-                                   min_patches=config.min_patches, pad_id=self.pad_id)
+            batch = shared_prefix_batch(chosen, self._template, prompt_length=prompt_length,
+                                        rows_per_micro_batch=config.micro_batch_rows,
+                                        min_patches=config.min_patches, pad_id=self.pad_id)
             rows = slice(k * per_mini * config.group_size, (k + 1) * per_mini * config.group_size)
-            batch["advantages"] = advantages[rows].reshape(batch["input_ids"].shape[:2])
+            batch["advantages"] = advantages[rows].reshape(batch["answer_ids"].shape[:2])
             batch.pop("sampler_logprobs")
             batch = self.place(batch)
-            inputs = {name: batch[name] for name in _MODEL_INPUTS}  # one pytree: one program
+            inputs = {name: batch[name] for name in MODEL_INPUTS}  # one pytree: one program
             if not config.on_policy:
                 batch["old_logprobs"] = self.logprobs((state.params, state.rest), inputs)
             if config.kl_coef > 0:

@@ -5,8 +5,8 @@ axes and prints, as one JSON line: the max |logit diff| of a forward pass agains
 the shardings and shard shapes of a few parameters, and for two SFT steps (2 micro-batches
 of 8 rows, images in some rows) the losses and the max |param diff| against one device, and
 whether the optimiser moments are sharded like their parameters; and the same for two GRPO
-updates (clipped policy loss + low-variance KL, 2 micro-batches) on fixed old / reference
-log-probs and advantages."""
+updates (clipped policy loss + low-variance KL, 2 micro-batches of 2 prompts and their 8
+answers) on fixed old / reference log-probs and advantages."""
 
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from common import CONFIG, sft_batches, train_state  # noqa: E402
+from common import CONFIG, example, sft_batches, train_state  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from cpt_jax.checkpoint import Checkpoints, abstract  # noqa: E402
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL  # noqa: E402
 from cpt_jax.optim import make_optimizer  # noqa: E402
+from cpt_jax.rl.groups import Group, shared_prefix_batch  # noqa: E402
 from cpt_jax.rl.grpo import GRPOConfig, make_grpo_update  # noqa: E402
 from cpt_jax.sft import make_sft_step  # noqa: E402
 from cpt_jax.sharding import (  # noqa: E402
@@ -52,18 +53,29 @@ def _sft(mesh) -> tuple[list[float], list[np.ndarray], bool]:
 
 
 def _grpo_batches(model: Qwen2_5_VL) -> list[dict]:
-    """The SFT batches as GRPO update batches: the response tokens as answers, with
-    advantages per row and old / reference log-probs near the model's (ratios off 1, so the
-    clip and the KL matter)."""
+    """Two GRPO update batches in the update's layout (each prompt once, its 4 answers beside
+    it; 2 micro-batches of 2 prompts and 8 answers; images in every other prompt), with
+    advantages per answer and old / reference log-probs near the model's (ratios off 1, so
+    the clip and the KL matter)."""
     rng = np.random.default_rng(2)
     batches = []
-    for batch in sft_batches(model):
-        batch = dict(batch)
-        mask = batch.pop("loss_mask")
-        shape = mask.shape
-        batch["response_mask"] = mask
-        batch["advantages"] = np.broadcast_to(rng.standard_normal(shape[:2] + (1,)),
-                                              shape).astype(np.float32)
+    for _ in range(2):
+        groups = []
+        for i in range(4):
+            prompt = example(rng, with_image=i % 2 == 0)
+            answers = rng.integers(0, 490, (4, 6)).astype(np.int32)
+            mask = (np.arange(6) < rng.integers(2, 7, (4, 1))).astype(np.int32)
+            patches = (np.concatenate(prompt["patches"]) if prompt["patches"]
+                       else np.zeros((0, CONFIG.vision.patch_dim), np.float32))
+            groups.append(Group(instance_id=i, answer="", prompt_ids=prompt["input_ids"],
+                                patches=patches, grids=np.asarray(prompt["grids"]).reshape(-1, 3),
+                                tokens=answers, mask=mask, logprobs=np.zeros((4, 6), np.float32),
+                                texts=[""] * 4, scores=[{}] * 4))
+        batch = shared_prefix_batch(groups, model, prompt_length=24, rows_per_micro_batch=8,
+                                    min_patches=128, pad_id=CONFIG.pad_token_id)
+        batch.pop("sampler_logprobs")
+        shape = batch["answer_ids"].shape
+        batch["advantages"] = rng.standard_normal(shape[:2]).astype(np.float32)
         batch["old_logprobs"] = (-6.0 + 0.3 * rng.standard_normal(shape)).astype(np.float32)
         batch["ref_logprobs"] = (-6.0 + 0.3 * rng.standard_normal(shape)).astype(np.float32)
         batches.append(batch)
