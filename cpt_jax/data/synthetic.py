@@ -17,18 +17,14 @@ Rows have the schema of the paper's data (one parquet file per task and split): 
 | syn_geometry | Geometry3K | how many sides the regular polygon has | 3-6 |
 | syn_texture | PathVQA | is the tile striped | yes / no |
 | syn_count | Super-CLEVR | how many red objects (or all objects) | integer |
-| syn_general_pope | POPE (held out) | is there a red (or a blue) shape | yes / no |
-| syn_general_arith | MMLU-Pro (held out, text only) | a sum or difference of 0-5 | integer |
+| syn_general_pope | POPE (held out) | is there a <shape> | yes / no |
+| syn_general_arith | MMLU-Pro (held out, text only) | arithmetic | letter A-D |
 
 Within each question template of a stage task the answer is a function of the image alone
 (no answer needs the question's words compared with the picture): a model of a few million
 parameters learns that from a few thousand examples on a CPU, where the compositional forms
 ("Is the texture X?", options in random order) stayed at chance (see
-`reports/synthetic_learnability/`). The held-out general tasks follow the same rule, so that a
-base model learns them and a stage can make it forget them: the POPE analogue asks about one
-of two fixed colours, and the MMLU-Pro analogue is recall of a table of 42 facts (a + b and
-a - b for a >= b in 0-5), not multi-digit arithmetic matched against shuffled lettered options,
-which a `mini` base never learnt (`reports/mini_paper/NOTES.md`).
+`reports/synthetic_learnability/`). The held-out POPE analogue keeps the compositional form.
 
 Images are small on purpose: both sides are multiples of 28 between 56 and 112 px, so the
 Qwen2.5-VL processor run with `min_pixels=SYNTHETIC_MIN_PIXELS` and
@@ -94,10 +90,6 @@ WORDS = ("cat", "sun", "bus", "stop", "lamp", "park", "music", "water")
 TEXTURES = {"striped": "stripes", "dotted": "dots", "checkered": "checks", "plain": "plain"}
 _COLOUR_NAMES = tuple(COLOURS)
 CHOICE_COLOURS = ("red", "green", "blue", "yellow")  # syn_choice's options, in this order
-POPE_COLOURS = ("red", "blue")  # the colours the POPE analogue asks about
-# Recall of a fixed table of facts, as MMLU asks what pre-training taught: both splits draw from
-# the whole table (every other task's splits share no problem-image pair).
-RECALL_TASKS = ("syn_general_arith",)
 CHOICE_SHAPES = ("circle", "square", "triangle", "star")
 LETTERS = "ABCD"
 CELL = 28  # objects sit one per 28 px grid cell, so they never touch
@@ -204,6 +196,15 @@ def _write(
     x = int(min(max(xy[0], 1), image.width - mask.width - 1))
     y = int(min(max(xy[1], 1), image.height - mask.height - 1))
     image.paste(ink, (x, y, x + mask.width, y + mask.height), mask)
+
+
+def _options(
+    rng: np.random.Generator, question: str, correct: str, pool: Sequence[str], letter: int
+) -> tuple[str, str]:
+    """The question with four options, `correct` at position `letter` and the rest drawn from
+    `pool`, and the answer letter."""
+    others = _pick(rng, [p for p in pool if p != correct], 3)
+    return _lettered(question, others[:letter] + [correct] + others[letter:]), LETTERS[letter]
 
 
 def _lettered(question: str, options: Sequence[str]) -> str:
@@ -344,27 +345,30 @@ def _count(rng: np.random.Generator, index: int) -> Draft:
 
 
 def _pope(rng: np.random.Generator, index: int) -> Draft:
-    """POPE analogue (held out): is a red (index % 4 < 2) or a blue shape among one to four;
-    yes on even index."""
+    """POPE analogue (held out): is a shape present; yes on even index."""
     image = _canvas(rng)
-    asked = POPE_COLOURS[index % 4 // 2]
     n = int(rng.integers(1, 5))
-    others = [c for c in _COLOUR_NAMES if c != asked]
-    colours = [_pick(rng, others) for _ in range(n)]
-    if index % 2 == 0:
-        colours[int(rng.integers(n))] = asked
-    _place(rng, image, [_pick(rng, SHAPES) for _ in range(n)], colours)
-    return f"Is there a {asked} shape in the image?", "yes" if asked in colours else "no", image
+    shapes = [_pick(rng, SHAPES) for _ in range(n)]
+    _place(rng, image, shapes, [_pick(rng, _COLOUR_NAMES) for _ in range(n)])
+    present = index % 2 == 0
+    asked = _pick(rng, shapes) if present else _pick(rng, [s for s in SHAPES if s not in shapes])
+    return f"Is there a {asked} in the image?", "yes" if present else "no", image
 
 
 def _arith(rng: np.random.Generator, index: int) -> Draft:
-    """MMLU-Pro analogue (held out, text only): knowledge a base model holds, here the table of
-    sums and differences of a >= b in 0-5 (42 facts: 300 steps from the `mini` base taught it
-    few of the 110 of 0-9); plus on even index."""
-    a, b = sorted(int(v) for v in rng.integers(0, 6, size=2))[::-1]
-    if index % 2 == 0:
-        return f"What is {a} plus {b}?", str(a + b), None
-    return f"What is {a} minus {b}?", str(a - b), None
+    """MMLU-Pro analogue (held out, text only): arithmetic with four lettered options."""
+    op = _pick(rng, ("plus", "minus", "times"))
+    if op == "times":
+        a, b = int(rng.integers(2, 13)), int(rng.integers(2, 21))
+        value, near = a * b, [a, b, 1, 2, 10]
+    else:
+        a, b = sorted(int(v) for v in rng.integers(2, 100, size=2))[::-1]
+        value, near = (a + b, [1, 2, 10]) if op == "plus" else (a - b, [1, 2, 10])
+    wrong = sorted({value + s * d for d in near for s in (-1, 1)} - {value})
+    wrong = [w for w in wrong if w >= 0]
+    pool = [str(w) for w in wrong]
+    question, answer = _options(rng, f"What is {a} {op} {b}?", str(value), pool, index % 4)
+    return question, answer, None
 
 
 def _caption(rng: np.random.Generator, index: int) -> Draft:
@@ -434,7 +438,7 @@ def generate(task: str, *, split: str, num: int, seed: int) -> list[dict]:
         rng = np.random.default_rng([zlib.crc32(task.encode()), bucket, seed, index])
         while True:
             question, answer, image = make(rng, index)
-            if task in RECALL_TASKS or _bucket(question, image) == bucket:
+            if _bucket(question, image) == bucket:
                 break
         if image is None:
             rows.append({"problem": question, "answer": answer, "images": []})

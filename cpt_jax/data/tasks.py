@@ -82,8 +82,8 @@ _ALL = (
     Task("syn_geometry", "geometry3k", "number", "stage", "count the sides of a drawn polygon"),
     Task("syn_texture", "pathvqa", "yesno", "stage", "yes/no about a texture pattern"),
     Task("syn_count", "superclevr", "number", "stage", "count the red shapes (or all shapes)"),
-    Task("syn_general_pope", "pope", "yesno", "general", "is there a red (or a blue) shape?"),
-    Task("syn_general_arith", "mmlu_pro", "number", "general", "text-only one-digit arithmetic"),
+    Task("syn_general_pope", "pope", "yesno", "general", "does an object of a kind exist?"),
+    Task("syn_general_arith", "mmlu_pro", "letter", "general", "text-only arithmetic choice"),
     Task("syn_caption", "none", "phrase", "pretrain", "describe the scene, tile or word"),
 )
 TASKS: dict[str, Task] = {task.name: task for task in _ALL}
