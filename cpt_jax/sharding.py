@@ -119,7 +119,7 @@ def shard_state(state: nnx.State, mesh: Mesh,
 BATCH_AXIS = {"input_ids": 1, "attention_mask": 1, "loss_mask": 1, "loss_positions": 1,
               "response_mask": 1, "old_logprobs": 1, "ref_logprobs": 1, "advantages": 1,
               "positions": 2, "prompt_ids": 1, "prompt_mask": 1, "prompt_positions": 2,
-              "answer_ids": 1, "answer_mask": 1}
+              "answer_ids": 1}
 
 
 def batch_shardings(batch: dict, mesh: Mesh) -> dict:

@@ -99,7 +99,7 @@ def shared_prefix_batch(groups: Sequence[Group], model: Qwen2_5_VL, *, prompt_le
     A micro-batch holds whole groups (or, when a group is larger than a micro-batch, a run of
     one group's answers): `prompt_ids` / `prompt_positions` / `prompt_mask` / `vision` have
     one row per prompt, left-padded to `prompt_length`, with that prompt's images once; the
-    answer arrays (`answer_ids`, `answer_mask`, `response_mask`, `sampler_logprobs`) have one
+    answer arrays (`answer_ids`, `response_mask`, `sampler_logprobs`) have one
     row per answer, prompt-major, `max_new` columns; every micro-batch's patches are padded
     to the same power-of-two bucket. The forward encodes the images and runs the prompt once
     per group (`grpo.shared_prefix_logprobs`); a layout with the prompt repeated per answer
@@ -153,6 +153,5 @@ def _shared_micro_batch(parts: Sequence[tuple[Group, int]], answers: int, model:
     return {"prompt_ids": np.asarray(ids_j), "prompt_positions": np.asarray(positions),
             "prompt_mask": np.asarray(mask), "vision": vision,
             "answer_ids": answer_rows("tokens").astype(np.int32),
-            "answer_mask": answer_rows("mask").astype(np.int32),
             "response_mask": answer_rows("mask").astype(np.int32),
             "sampler_logprobs": answer_rows("logprobs").astype(np.float32)}

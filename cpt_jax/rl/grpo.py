@@ -41,7 +41,7 @@ from cpt_jax.sharding import constrain_state
 
 UpdateBatch = dict[str, Any]
 MODEL_INPUTS = ("prompt_ids", "prompt_positions", "prompt_mask", "vision", "answer_ids",
-                 "answer_mask")
+                 "response_mask")
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,8 @@ def shared_prefix_logprobs(model: Qwen2_5_VL, micro: UpdateBatch, temperature: f
     cache = GroupCache.after_prefill(cache, rows // prompts, answer_length)
     positions = cache.next_position[:, None] + jnp.arange(answer_length, dtype=jnp.int32)
     positions = jnp.broadcast_to(positions[None], (3, rows, answer_length))
-    answer_hidden, _ = model.hidden_states(micro["answer_ids"], positions, micro["answer_mask"],
-                                           None, cache)
+    answer_hidden, _ = model.hidden_states(micro["answer_ids"], positions,
+                                           micro["response_mask"], None, cache)
     # Answer token t is predicted by the hidden state before it: the prompt's last for t = 0.
     before = jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], rows // prompts, axis=0),
                               answer_hidden[:, :-1]], axis=1)
