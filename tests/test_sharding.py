@@ -48,12 +48,8 @@ def test_sharded_forward_sft_and_grpo_steps_equal_one_device_on_8_devices():
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["devices"] == 8
-    assert sorted(report["meshes"]) == ["(1, 4, 2)", "(1, 8, 1)", "(2, 2, 2)", "(8, 1, 1)"]
     for shape, mesh in report["meshes"].items():
         assert mesh["max_diff"] <= 1e-5, (shape, mesh["max_diff"])
-    trained = {shape: mesh for shape, mesh in report["meshes"].items() if "sft_losses" in mesh}
-    assert sorted(trained) == ["(1, 4, 2)", "(2, 2, 2)"]
-    for shape, mesh in trained.items():
         assert mesh["sft_param_diff"] <= 1e-5, (shape, mesh["sft_param_diff"])
         for loss, expected in zip(mesh["sft_losses"], report["sft_losses"], strict=True):
             assert abs(loss - expected) <= 1e-5 * abs(expected), (shape, loss, expected)

@@ -1,10 +1,9 @@
 """Run in a fresh process with 8 host CPU devices (XLA_FLAGS set below, before jax loads).
 
 For several (data, fsdp, tp) meshes it places the tiny model's parameters by their logical
-axes and prints, as one JSON line: the max |logit diff| of a forward pass against one device
-and the shardings and shard shapes of a few parameters; and on the meshes that train
-(`TRAIN_MESHES`, which between them split every axis), for two SFT steps (2 micro-batches of 8
-rows, images in some rows) the losses and the max |param diff| against one device, and
+axes and prints, as one JSON line: the max |logit diff| of a forward pass against one device,
+the shardings and shard shapes of a few parameters, and for two SFT steps (2 micro-batches
+of 8 rows, images in some rows) the losses and the max |param diff| against one device, and
 whether the optimiser moments are sharded like their parameters; and the same for two GRPO
 updates (clipped policy loss + low-variance KL, 2 micro-batches of 2 prompts and their 8
 answers) on fixed old / reference log-probs and advantages."""
@@ -36,10 +35,6 @@ from cpt_jax.sharding import (  # noqa: E402
 )
 
 MESHES = ((8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2))
-# Compiling the SFT and GRPO steps for a mesh is most of this script's minutes: the meshes
-# that split two axes (fsdp x tp) and all three (data x fsdp x tp) train; the one-axis meshes
-# only place parameters and run the forward.
-TRAIN_MESHES = ((1, 4, 2), (2, 2, 2))
 
 
 def _sft(mesh) -> tuple[list[float], list[np.ndarray], bool]:
@@ -124,26 +119,23 @@ def main() -> None:
             "gate_proj": sharded["language_model"]["layers"]["mlp"]["gate_proj"]["kernel"],
             "k_proj": sharded["language_model"]["layers"]["self_attn"]["k_proj"]["kernel"],
         }
-        entry = report["meshes"][str(shape)] = {
+        losses, params_after, moments_sharded = _sft(mesh)
+        rl_losses, rl_params = _grpo(mesh)
+        report["meshes"][str(shape)] = {
             "max_diff": float(np.abs(out - reference).max()),
+            "sft_losses": losses,
+            "sft_param_diff": max(float(np.abs(a - b).max())
+                                  for a, b in zip(params_after, sft_params, strict=True)),
+            "sft_moments_sharded_like_params": moments_sharded,
+            "grpo_losses": rl_losses,
+            "grpo_param_diff": max(float(np.abs(a - b).max())
+                                   for a, b in zip(rl_params, grpo_params, strict=True)),
             "specs": {k: [list(a) if isinstance(a, tuple) else a for a in v.sharding.spec]
                       for k, v in params.items()},
             "shard_shapes": {k: list(v.addressable_shards[0].data.shape)
                              for k, v in params.items()},
             "shapes": {k: list(v.shape) for k, v in params.items()},
         }
-        if shape in TRAIN_MESHES:
-            losses, params_after, moments_sharded = _sft(mesh)
-            rl_losses, rl_params = _grpo(mesh)
-            entry.update({
-                "sft_losses": losses,
-                "sft_param_diff": max(float(np.abs(a - b).max())
-                                      for a, b in zip(params_after, sft_params, strict=True)),
-                "sft_moments_sharded_like_params": moments_sharded,
-                "grpo_losses": rl_losses,
-                "grpo_param_diff": max(float(np.abs(a - b).max())
-                                       for a, b in zip(rl_params, grpo_params, strict=True)),
-            })
     report["checkpoint"] = _checkpoint_across_meshes(state)
     print(json.dumps(report))
 
