@@ -225,13 +225,13 @@ class Planner:
         prompt = self._row_ids(prompt_length, 8)
         new = grpo.max_new_tokens
         # One micro-batch: whole groups, or the part of one group that a micro-batch holds.
-        answers = min(rows, grpo.group_size)
+        per_prompt = min(rows, grpo.group_size)
         groups = [Group(instance_id=0, answer="", prompt_ids=prompt, patches=patches,
                         grids=np.asarray([self.grid]),
-                        tokens=np.full((answers, new), 100, np.int32),
-                        mask=np.ones((answers, new), np.int32),
-                        logprobs=np.zeros((answers, new), np.float32),
-                        texts=[""] * answers, scores=[{}] * answers)
+                        tokens=np.full((per_prompt, new), 100, np.int32),
+                        mask=np.ones((per_prompt, new), np.int32),
+                        logprobs=np.zeros((per_prompt, new), np.float32),
+                        texts=[""] * per_prompt, scores=[{}] * per_prompt)
                   for _ in range(max(1, rows // grpo.group_size))]
         batch = shared_prefix_batch(groups, self.model, prompt_length=prompt_length,
                                     rows_per_micro_batch=rows, min_patches=grpo.min_patches)
