@@ -1,7 +1,7 @@
 """Logical-axis rules onto a (data, fsdp, tp) mesh: the PartitionSpecs, and (in a process with
 8 host CPU devices) parameters really sharded on four meshes, with the same logits and the same
-two SFT steps (losses, updated parameters) as one device, and a checkpoint written on one mesh
-restored onto another."""
+two SFT steps and two GRPO updates (losses, updated parameters) as one device, each compiled
+once per mesh, and a checkpoint written on one mesh restored onto another."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def test_sharded_forward_sft_and_grpo_steps_equal_one_device_on_8_devices():
         for loss, expected in zip(mesh["sft_losses"], report["sft_losses"], strict=True):
             assert abs(loss - expected) <= 1e-5 * abs(expected), (shape, loss, expected)
         assert mesh["sft_moments_sharded_like_params"], shape
+        assert mesh["compiles"] == {"sft": 1, "grpo": 1}, (shape, mesh["compiles"])
         assert mesh["grpo_param_diff"] <= 1e-5, (shape, mesh["grpo_param_diff"])
         for loss, expected in zip(mesh["grpo_losses"], report["grpo_losses"], strict=True):
             assert abs(loss - expected) <= 1e-5 * max(abs(expected), 1e-3), (shape, loss)

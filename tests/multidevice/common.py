@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cpt_jax.data.pipeline import EncodeOptions, collate
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset
@@ -45,10 +46,13 @@ def sft_batches(model: Qwen2_5_VL) -> list[dict]:
 def train_state(optimizer: optax.GradientTransformation,
                 mesh: Mesh | None) -> tuple[Qwen2_5_VL, TrainState]:
     """The tiny model (seed 0) and its first training state, placed on `mesh` by the logical
-    axes (None: one device)."""
+    axes (None: one device); the step count replicated on it, as the step's output is, so that
+    the second step reuses the first one's program."""
     model = Qwen2_5_VL(CONFIG, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    step = np.zeros((), np.int32)
     if mesh is not None:
         params, rest = shard_state(params, mesh), shard_state(rest, mesh)
+        step = jax.device_put(step, NamedSharding(mesh, PartitionSpec()))
     return model, TrainState(graphdef=graphdef, params=params, rest=rest,
-                             opt_state=optimizer.init(params), step=np.zeros((), np.int32))
+                             opt_state=optimizer.init(params), step=step)

@@ -6,10 +6,12 @@ the shardings and shard shapes of a few parameters, and for two SFT steps (2 mic
 of 8 rows, images in some rows) the losses and the max |param diff| against one device, and
 whether the optimiser moments are sharded like their parameters; and the same for two GRPO
 updates (clipped policy loss + low-variance KL, 2 micro-batches of 2 prompts and their 8
-answers) on fixed old / reference log-probs and advantages."""
+answers) on fixed old / reference log-probs and advantages, with how many times each step
+compiled on the mesh (once: the second step must reuse the first's program)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -37,19 +39,41 @@ from cpt_jax.sharding import (  # noqa: E402
 MESHES = ((8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2))
 
 
-def _sft(mesh) -> tuple[list[float], list[np.ndarray], bool]:
-    """Two SFT steps from the same initial model, on `mesh` (None: one device)."""
+def _on(mesh):
+    """The mesh set as the trainer sets it (its state's scalars are created replicated on it,
+    so the first step and the next share one compile); nothing for one device."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+_LOWERINGS = [0]  # programs lowered to XLA so far: each compile, cached on disk or not, is one
+
+
+def _count_lowering(event: str, seconds: float, **_) -> None:
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+        _LOWERINGS[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_lowering)
+
+
+def _sft(mesh) -> tuple[list[float], list[np.ndarray], bool, int]:
+    """Two SFT steps from the same initial model, on `mesh` (None: one device); the last value
+    is how many times the step compiled."""
     optimizer = make_optimizer(learning_rate=1e-4, total_steps=4)  # the scale of the paper's 1e-5
-    model, state = train_state(optimizer, mesh)
-    step = make_sft_step(model, optimizer, micro_batches=2)
-    losses = []
-    for batch in sft_batches(model):
-        state, metrics = step(state, batch if mesh is None else shard_batch(batch, mesh))
-        losses.append(float(metrics["loss"]))
+    with _on(mesh):
+        model, state = train_state(optimizer, mesh)
+        step = make_sft_step(model, optimizer, micro_batches=2)
+        losses, compiles = [], 0
+        for batch in sft_batches(model):
+            batch = batch if mesh is None else shard_batch(batch, mesh)
+            before = _LOWERINGS[0]
+            state, metrics = step(state, batch)
+            compiles += _LOWERINGS[0] - before
+            losses.append(float(metrics["loss"]))
     mu = state.opt_state.inner_state[1].mu  # the chain: clip, scale_by_adam, decay, lr
     same = all(m.sharding.is_equivalent_to(p.sharding, p.ndim)
                for m, p in zip(jax.tree.leaves(mu), jax.tree.leaves(state.params), strict=True))
-    return losses, [np.asarray(p) for p in jax.tree.leaves(state.params)], same
+    return losses, [np.asarray(p) for p in jax.tree.leaves(state.params)], same, compiles
 
 
 def _grpo_batches(model: Qwen2_5_VL) -> list[dict]:
@@ -82,16 +106,21 @@ def _grpo_batches(model: Qwen2_5_VL) -> list[dict]:
     return batches
 
 
-def _grpo(mesh) -> tuple[list[float], list[np.ndarray]]:
-    """Two GRPO updates from the same initial model, on `mesh` (None: one device)."""
+def _grpo(mesh) -> tuple[list[float], list[np.ndarray], int]:
+    """Two GRPO updates from the same initial model, on `mesh` (None: one device); the last
+    value is how many times the update compiled."""
     optimizer = make_optimizer(learning_rate=1e-4, total_steps=4, schedule="constant")
-    model, state = train_state(optimizer, mesh)
-    update = make_grpo_update(model, optimizer, GRPOConfig(group_size=4, micro_batch_rows=8))
-    losses = []
-    for batch in _grpo_batches(model):
-        state, metrics = update(state, batch if mesh is None else shard_batch(batch, mesh))
-        losses.append(float(metrics["loss"]))
-    return losses, [np.asarray(p) for p in jax.tree.leaves(state.params)]
+    with _on(mesh):
+        model, state = train_state(optimizer, mesh)
+        update = make_grpo_update(model, optimizer, GRPOConfig(group_size=4, micro_batch_rows=8))
+        losses, compiles = [], 0
+        for batch in _grpo_batches(model):
+            batch = batch if mesh is None else shard_batch(batch, mesh)
+            before = _LOWERINGS[0]
+            state, metrics = update(state, batch)
+            compiles += _LOWERINGS[0] - before
+            losses.append(float(metrics["loss"]))
+    return losses, [np.asarray(p) for p in jax.tree.leaves(state.params)], compiles
 
 
 def main() -> None:
@@ -106,8 +135,8 @@ def main() -> None:
         return nnx.merge(graphdef, state).forward(ids, positions, mask)[0]
 
     reference = np.asarray(logits(state, ids, positions, mask))
-    sft_losses, sft_params, _ = _sft(None)
-    grpo_losses, grpo_params = _grpo(None)
+    sft_losses, sft_params, _, _ = _sft(None)
+    grpo_losses, grpo_params, _ = _grpo(None)
     report = {"devices": jax.device_count(), "sft_losses": sft_losses,
               "grpo_losses": grpo_losses, "meshes": {}}
     for shape in MESHES:
@@ -119,14 +148,15 @@ def main() -> None:
             "gate_proj": sharded["language_model"]["layers"]["mlp"]["gate_proj"]["kernel"],
             "k_proj": sharded["language_model"]["layers"]["self_attn"]["k_proj"]["kernel"],
         }
-        losses, params_after, moments_sharded = _sft(mesh)
-        rl_losses, rl_params = _grpo(mesh)
+        losses, params_after, moments_sharded, sft_compiles = _sft(mesh)
+        rl_losses, rl_params, grpo_compiles = _grpo(mesh)
         report["meshes"][str(shape)] = {
             "max_diff": float(np.abs(out - reference).max()),
             "sft_losses": losses,
             "sft_param_diff": max(float(np.abs(a - b).max())
                                   for a, b in zip(params_after, sft_params, strict=True)),
             "sft_moments_sharded_like_params": moments_sharded,
+            "compiles": {"sft": sft_compiles, "grpo": grpo_compiles},
             "grpo_losses": rl_losses,
             "grpo_param_diff": max(float(np.abs(a - b).max())
                                    for a, b in zip(rl_params, grpo_params, strict=True)),

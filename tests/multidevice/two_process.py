@@ -41,12 +41,13 @@ from cpt_jax.sharding import make_mesh, shard_batch  # noqa: E402
 def main() -> None:
     mesh = make_mesh((1, jax.device_count(), 1))
     optimizer = make_optimizer(learning_rate=1e-4, total_steps=4)
-    model, state = train_state(optimizer, mesh)
-    step = make_sft_step(model, optimizer, micro_batches=2)
-    losses = []
-    for batch in sft_batches(model):
-        state, metrics = step(state, shard_batch(batch, mesh))
-        losses.append(float(metrics["loss"]))
+    with jax.set_mesh(mesh):  # as the trainer: the optimiser's scalars replicated on the mesh
+        model, state = train_state(optimizer, mesh)
+        step = make_sft_step(model, optimizer, micro_batches=2)
+        losses = []
+        for batch in sft_batches(model):
+            state, metrics = step(state, shard_batch(batch, mesh))
+            losses.append(float(metrics["loss"]))
     saved = {"params": state.params, "opt_state": state.opt_state, "step": state.step}
     checkpoints = Checkpoints(CHECKPOINT_DIR)
     checkpoints.save(1, saved, {"losses": losses})
