@@ -33,6 +33,7 @@ def _report(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])  # gloo prints its own lines first
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(tmp_path):
     port = str(_free_port())
     processes = [subprocess.Popen([sys.executable, str(SCRIPT), str(i), "2", port,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from cpt_jax.sharding import MESH_AXES, logical_spec
@@ -42,6 +43,7 @@ def test_indivisible_or_reused_axes_are_replicated():
         None, None)
 
 
+@pytest.mark.slow
 def test_sharded_forward_sft_and_grpo_steps_equal_one_device_on_8_devices():
     result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
                             timeout=600, cwd=Path(__file__).parents[1])

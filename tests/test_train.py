@@ -125,6 +125,7 @@ def test_a_stage_trains_at_its_own_learning_rate(data_dir, tmp_path):
     assert second == pytest.approx([3 * rate for rate in first])
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
     """Stage 1 SFT, stage 2 GRPO (sampling keys matter); killed with SIGKILL in stage 2."""
     config = str(ROOT / "configs/tiny_cpt.yaml")
