@@ -28,7 +28,7 @@ from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL  # noqa: E402
 from cpt_jax.optim import make_optimizer  # noqa: E402
 from cpt_jax.rl.groups import Group, shared_prefix_batch  # noqa: E402
 from cpt_jax.rl.grpo import GRPOConfig, make_grpo_update  # noqa: E402
-from cpt_jax.sft import make_sft_step  # noqa: E402
+from cpt_jax.sft import TrainState, make_sft_step  # noqa: E402
 from cpt_jax.sharding import (  # noqa: E402
     make_mesh,
     shard_batch,
@@ -37,12 +37,6 @@ from cpt_jax.sharding import (  # noqa: E402
 )
 
 MESHES = ((8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2))
-
-
-def _on(mesh):
-    """The mesh set as the trainer sets it (its state's scalars are created replicated on it,
-    so the first step and the next share one compile); nothing for one device."""
-    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 _LOWERINGS = [0]  # programs lowered to XLA so far: each compile, cached on disk or not, is one
@@ -56,20 +50,31 @@ def _count_lowering(event: str, seconds: float, **_) -> None:
 jax.monitoring.register_event_duration_secs_listener(_count_lowering)
 
 
-def _sft(mesh) -> tuple[list[float], list[np.ndarray], bool, int]:
-    """Two SFT steps from the same initial model, on `mesh` (None: one device); the last value
-    is how many times the step compiled."""
-    optimizer = make_optimizer(learning_rate=1e-4, total_steps=4)  # the scale of the paper's 1e-5
-    with _on(mesh):
+def _train(mesh, optimizer, make_step, batches) -> tuple[TrainState, list[float], int]:
+    """`make_step(model, optimizer)`'s steps over `batches(model)` from the tiny model's first
+    state, on `mesh` (None: one device) set as the trainer sets it (the state's scalars are
+    created replicated on it, so the first step and the next share one program): the last
+    state, the losses, and how many times the step compiled."""
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
         model, state = train_state(optimizer, mesh)
-        step = make_sft_step(model, optimizer, micro_batches=2)
+        step = make_step(model, optimizer)
         losses, compiles = [], 0
-        for batch in sft_batches(model):
+        for batch in batches(model):
             batch = batch if mesh is None else shard_batch(batch, mesh)
             before = _LOWERINGS[0]
             state, metrics = step(state, batch)
             compiles += _LOWERINGS[0] - before
             losses.append(float(metrics["loss"]))
+    return state, losses, compiles
+
+
+def _sft(mesh) -> tuple[list[float], list[np.ndarray], bool, int]:
+    """Two SFT steps from the same initial model, on `mesh` (None: one device); the last value
+    is how many times the step compiled."""
+    optimizer = make_optimizer(learning_rate=1e-4, total_steps=4)  # the scale of the paper's 1e-5
+    state, losses, compiles = _train(
+        mesh, optimizer, lambda model, opt: make_sft_step(model, opt, micro_batches=2),
+        sft_batches)
     mu = state.opt_state.inner_state[1].mu  # the chain: clip, scale_by_adam, decay, lr
     same = all(m.sharding.is_equivalent_to(p.sharding, p.ndim)
                for m, p in zip(jax.tree.leaves(mu), jax.tree.leaves(state.params), strict=True))
@@ -110,16 +115,9 @@ def _grpo(mesh) -> tuple[list[float], list[np.ndarray], int]:
     """Two GRPO updates from the same initial model, on `mesh` (None: one device); the last
     value is how many times the update compiled."""
     optimizer = make_optimizer(learning_rate=1e-4, total_steps=4, schedule="constant")
-    with _on(mesh):
-        model, state = train_state(optimizer, mesh)
-        update = make_grpo_update(model, optimizer, GRPOConfig(group_size=4, micro_batch_rows=8))
-        losses, compiles = [], 0
-        for batch in _grpo_batches(model):
-            batch = batch if mesh is None else shard_batch(batch, mesh)
-            before = _LOWERINGS[0]
-            state, metrics = update(state, batch)
-            compiles += _LOWERINGS[0] - before
-            losses.append(float(metrics["loss"]))
+    state, losses, compiles = _train(
+        mesh, optimizer, lambda model, opt: make_grpo_update(
+            model, opt, GRPOConfig(group_size=4, micro_batch_rows=8)), _grpo_batches)
     return losses, [np.asarray(p) for p in jax.tree.leaves(state.params)], compiles
 
 
