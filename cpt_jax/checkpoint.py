@@ -6,7 +6,8 @@ model, kept for good.
 
 `meta` holds what is not an array: the stage index, the data iterator's state, RIF pass
 counts, the metrics so far. Orbax writes a checkpoint into a temporary folder and renames it
-when it is complete, so a save cut short by a kill is never listed, never restored. Restoring
+when it is complete (on GCS: marks it with a commit file), so a save cut short by a kill is
+never listed, never restored. `output_dir` may be a `gs://` URL. Restoring
 takes an abstract target (shapes, dtypes and the shardings wanted now), so a checkpoint
 written on one mesh restores onto another; a target of another shape is an error that names
 the array.
@@ -20,6 +21,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from cpt_jax.run_dir import CHECKPOINTS, as_path
 
 
 class CheckpointError(ValueError):
@@ -42,7 +46,7 @@ class Checkpoints:
     """The run's two checkpoint managers."""
 
     def __init__(self, output_dir: os.PathLike | str, *, keep: int = 2):
-        root = Path(output_dir).resolve() / "checkpoints"
+        root = as_path(output_dir) / CHECKPOINTS
         # Each manager names its own multi-host barriers: rolling save n and stage n can be in
         # flight at once, and Orbax would otherwise give both the same barrier key.
         self.rolling = _manager(root / "rolling", ocp.CheckpointManagerOptions(
@@ -106,7 +110,8 @@ class Checkpoints:
         return restored["state"], restored["meta"]
 
 
-def _manager(directory: Path, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+def _manager(directory: Path | epath.Path,
+             options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
     """A manager that knows its items' handlers, so that a fresh one (a resumed run) can read
     the metadata of checkpoints it did not write."""
     return ocp.CheckpointManager(

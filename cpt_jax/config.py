@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cpt_jax.data.tasks import TASKS
 from cpt_jax.rl.grpo import GRPOConfig
+from cpt_jax.run_dir import URL_SCHEMES, is_url
 
 ALGORITHMS = ("sft", "grpo")
 MODES = ("sequential", "multitask", "rif")
@@ -175,7 +176,8 @@ class MeshConfig:
 
 @dataclass
 class RunConfig:
-    output_dir: str = "outputs/run"
+    output_dir: str = "outputs/run"  # a folder, or gs://bucket/path (cpt_jax.run_dir)
+    staging_dir: str | None = None  # a gs:// run's local copy of its logs (default: under /tmp)
     mode: str = "sequential"
     algorithm: str = "grpo"
     seed: int = 0
@@ -305,9 +307,11 @@ def check(config: RunConfig, *, device_count: int | None = None) -> None:
         raise ConfigError(f"model.max_frame_patches: {frame_patches} is below the "
                           f"{config.data.max_pixels // PATCH_PIXELS} patches of an image at "
                           f"data.max_pixels ({config.data.max_pixels} / {PATCH_PIXELS})")
-    if "://" in config.output_dir:
-        raise ConfigError(f"output_dir: {config.output_dir!r} is a URL; only local folders are "
-                          f"supported (mount a bucket, e.g. with gcsfuse, and name the mount)")
+    if is_url(config.output_dir) and not config.output_dir.startswith(URL_SCHEMES):
+        raise ConfigError(f"output_dir: {config.output_dir!r}: the only URLs supported are "
+                          f"{', '.join(URL_SCHEMES)} (or mount the store and name the mount)")
+    if config.staging_dir is not None and is_url(config.staging_dir):
+        raise ConfigError(f"staging_dir: {config.staging_dir!r} must be a local folder")
     if config.model.path is None and config.model.preset is None:
         raise ConfigError("model: set model.path (a Hugging Face folder) or model.preset")
     if not config.stages:

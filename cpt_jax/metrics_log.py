@@ -50,6 +50,11 @@ class MetricsLog:
             if key not in ("stage", "step", "global_step") and isinstance(value, int | float):
                 self._writer.add_scalar(key, value, step)
 
+    def flush(self) -> None:
+        """Writes out the TensorBoard events buffered so far (before an upload)."""
+        if self.enabled:
+            self._writer.flush()
+
     def close(self) -> None:
         if not self.enabled:
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cpt_jax.metrics_log import read_metrics  # noqa: E402
+from cpt_jax.run_dir import RunDir  # noqa: E402
 
 
 def _stage_labels(result: dict[str, Any]) -> list[str]:
@@ -104,14 +106,19 @@ def write_plots(output_dir: Path) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cpt_jax.report",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("output_dir", type=Path, help="a run's output_dir")
+    parser.add_argument("output_dir", help="a run's output_dir (a folder or a gs:// URL)")
     args = parser.parse_args(argv)
-    try:
-        for path in write_plots(args.output_dir):
-            print(path)
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory(prefix="cpt_jax_report_") as staging:
+        files = RunDir(args.output_dir, staging)  # a URL's files, downloaded and uploaded
+        files.pull()
+        try:
+            written = write_plots(files.local)
+        except FileNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        files.push()
+    for path in written:
+        print(f"{args.output_dir}/{path.relative_to(files.local).as_posix()}")
     return 0
 
 

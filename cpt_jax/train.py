@@ -3,13 +3,13 @@
 The run evaluates the model on every task, then trains the configured stages one after the
 other (SFT or GRPO; `multitask` mixes all stages' data into one stage; `rif` filters each
 GRPO stage's instances by rollouts first) and evaluates every task after each stage. It
-writes, under `output_dir`: `config.yaml` (the resolved configuration), `metrics.jsonl` and
-TensorBoard events, `results.json` (the accuracy matrix and its scores, rewritten after each
-evaluation), `checkpoints/` (rolling in-stage checkpoints and each stage's final model) and,
-for a preset model, the tokenizer it built. `--resume` continues from the newest rolling
-checkpoint with the same data order (the data iterator's state is in the checkpoint), the
-same random keys (derived from the seed, the stage and the step) and so the same final
-parameters as a run never stopped.
+writes, under `output_dir` (a folder or a `gs://` URL): `config.yaml` (the resolved
+configuration), `metrics.jsonl` and TensorBoard events, `results.json` (the accuracy matrix
+and its scores, rewritten after each evaluation), `checkpoints/` (rolling in-stage
+checkpoints and each stage's final model) and, for a preset model, the tokenizer it built.
+`--resume` continues from the newest rolling checkpoint with the same data order (the data
+iterator's state is in the checkpoint), the same random keys (derived from the seed, the
+stage and the step) and so the same final parameters as a run never stopped.
 
 What can be wrong with the inputs (a config key, a data folder, a checkpoint of another
 shape) is reported as one line before the first compile.
@@ -60,6 +60,7 @@ from cpt_jax.results import results, write_results
 from cpt_jax.rl.grpo import GRPOTrainer
 from cpt_jax.rl.rif import PassCounts, count_passes, select
 from cpt_jax.rl.sampler import SamplingConfig, turn_stop_ids
+from cpt_jax.run_dir import RunDir, StagingError
 from cpt_jax.sft import TrainState, make_sft_step, stack_micro_batches
 from cpt_jax.sharding import make_mesh, shard_batch, shard_state
 
@@ -127,7 +128,9 @@ class ContinualRun:
 
     def __init__(self, config: RunConfig, *, resume: bool = False):
         self.config = config
-        self.out = Path(config.output_dir)
+        self.run_dir = RunDir(config.output_dir, config.staging_dir,
+                              process_index=jax.process_index())
+        self.out = self.run_dir.local  # where config, metrics, results and plots are written
         self.leader = jax.process_index() == 0
         # Each process encodes its share of every batch (see cpt_jax.data.pipeline).
         self.processes = {"process_index": jax.process_index(),
@@ -137,10 +140,11 @@ class ContinualRun:
         self.tasks = _unique([t for stage in self.stages for t in stage.tasks])
         self.general = [t for t in _unique(config.data.general_tasks) if t not in self.tasks]
         self.options = encode_options(config)
-        checkpoints = self.out / "checkpoints"
+        checkpoints = self.run_dir.checkpoints
         if not resume and checkpoints.exists() and any(checkpoints.iterdir()):
             raise CheckpointError(f"{checkpoints} holds a run already: pass --resume to "
                                   f"continue it, or set output_dir=<another folder>")
+        self.run_dir.start(resume=resume)
         self.data_dir = Path(config.data.data_dir)
         self._prepare_synthetic()
         self.train_sources = {t: _head(load_source(t, "train", data_dir=self.data_dir),
@@ -154,7 +158,7 @@ class ContinualRun:
         self.params = shard_state(params, self.mesh)
         self.rest = shard_state(rest, self.mesh)
         self.base = (_copy(self.params) if self._needs_reference("base") else None)
-        self.checkpoints = Checkpoints(self.out, keep=config.checkpoint.keep)
+        self.checkpoints = Checkpoints(config.output_dir, keep=config.checkpoint.keep)
         self.progress: Progress | None = None
         self._programs: dict[tuple[str, int | None], Any] = {}
         self._restored: dict[str, Any] | None = None
@@ -211,10 +215,10 @@ class ContinualRun:
         model shape fails here, naming the array, before any long work."""
         step = self.checkpoints.latest_step()
         if step is None:
-            raise CheckpointError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
+            raise CheckpointError(f"--resume: no checkpoint under {self.run_dir.checkpoints}")
         progress = Progress(**self.checkpoints.meta(step)["progress"])
         if not 1 <= progress.stage <= len(self.stages):
-            raise CheckpointError(f"{self.out / 'checkpoints'}: checkpoint {step} is at stage "
+            raise CheckpointError(f"{self.run_dir.checkpoints}: checkpoint {step} is at stage "
                                   f"{progress.stage}, this config has {len(self.stages)}")
         stage = self.stages[progress.stage - 1]
         target = self._state(self.params,
@@ -442,6 +446,7 @@ class ContinualRun:
         self.progress.saves += 1
         self.checkpoints.save(self.progress.saves, _arrays(state),
                               {"progress": vars(self.progress)})
+        self._upload()
 
     def _evaluate(self) -> None:
         """A new row of the accuracy matrix (and of the general-ability table)."""
@@ -465,6 +470,13 @@ class ContinualRun:
         if self.leader:
             write_results(self.out / "results.json",
                           self._results(complete=row == len(self.stages)))
+        self._upload()
+
+    def _upload(self) -> None:
+        """A `gs://` run's new records to the bucket (the first process writes them all)."""
+        if self.leader:
+            self.log.flush()
+            self.run_dir.push()
 
     def _results(self, *, complete: bool) -> dict[str, Any]:
         trained_at: list[int | None] = [None] * len(self.tasks)
@@ -549,16 +561,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_run_config(args.config, args.overrides, device_count=jax.device_count())
         run = ContinualRun(config, resume=args.resume)
-    except (ConfigError, CheckpointError, SourceNotBuiltError) as error:
+    except (ConfigError, CheckpointError, SourceNotBuiltError, StagingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     result = run.run()
     if run.leader:
         plots = write_plots(run.out)
+        run.run_dir.push()
         scores = ", ".join(f"{k} {result[k]:.3f}" for k in ("avg_acc", "fm", "bwt")
                            if result[k] is not None)
-        print(f"done: {run.out / 'results.json'} ({scores}); plots in {plots[0].parent}",
-              flush=True)
+        print(f"done: {run.run_dir}/results.json ({scores}); plots in {run.run_dir}/"
+              f"{plots[0].parent.name}", flush=True)
     return 0
 
 

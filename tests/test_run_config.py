@@ -73,8 +73,9 @@ def test_file_and_overrides_are_typed(path):
     ("sft.response_template=boxed{answer", "sft.response_template: 'boxed{answer' does not "
                                            "format with only {answer}"),
     ("nokey", "not of the form key=value"),
-    ("output_dir=gs://bucket/run", "output_dir: 'gs://bucket/run' is a URL; only local "
-                                   "folders are supported"),
+    ("output_dir=s3://bucket/run", "output_dir: 's3://bucket/run': the only URLs supported "
+                                   "are gs://"),
+    ("staging_dir=gs://bucket/x", "staging_dir: 'gs://bucket/x' must be a local folder"),
     ("model.max_frame_patches=4096", "model.max_frame_patches: 4096 is below the 5120 patches "
                                      "of an image at data.max_pixels (1003520 / 196)"),
 ])
