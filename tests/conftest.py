@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from qwen_reference import VARIANTS, hf_model  # noqa: E402
 
+from cpt_jax.data import build  # noqa: E402
 from cpt_jax.models.qwen2_5_vl import from_pretrained  # noqa: E402
 
 _CACHE_VARIABLE = "JAX_COMPILATION_CACHE_DIR"
@@ -40,6 +41,15 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _OWN_CACHE in config.stash:
         shutil.rmtree(config.stash[_OWN_CACHE], ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def synthetic_benchmark(tmp_path_factory) -> Path:
+    """The synthetic benchmark, 16 training and 8 test rows per task: the trainer's data."""
+    path = tmp_path_factory.mktemp("tfds")
+    assert build.main(["--synthetic", "--train", "16", "--test", "8", "--data-dir",
+                       str(path)]) == 0
+    return path
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v.name)

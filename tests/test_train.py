@@ -21,20 +21,11 @@ from run_outputs import stage_params
 
 from cpt_jax import train
 from cpt_jax.checkpoint import Checkpoints
-from cpt_jax.data import build
 from cpt_jax.export import export_stage
 from cpt_jax.metrics_log import read_metrics
 from cpt_jax.results import continual_scores
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tfds")
-    assert build.main(["--synthetic", "--train", "16", "--test", "8", "--data-dir",
-                       str(path)]) == 0
-    return path
 
 
 def _overrides(data_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -63,10 +54,10 @@ def test_continual_scores_by_hand():
     assert one == {"avg_acc": 0.6, "fm": None, "bwt": None}
 
 
-def test_sft_run_writes_everything_and_exports(data_dir, tmp_path):
+def test_sft_run_writes_everything_and_exports(synthetic_benchmark, tmp_path):
     out = tmp_path / "run"
     assert train.main(["--config", str(ROOT / "configs/tiny_cpt.yaml"),
-                       *_overrides(data_dir, out, "checkpoint.every=2")]) == 0
+                       *_overrides(synthetic_benchmark, out, "checkpoint.every=2")]) == 0
     result = json.loads((out / "results.json").read_text())
     assert result["tasks"] == ["syn_choice", "syn_texture"] and result["complete"]
     assert len(result["matrix"]) == 3 and all(len(row) == 2 for row in result["matrix"])
@@ -111,12 +102,12 @@ def _run(args: list[str], **kwargs) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_a_stage_trains_at_its_own_learning_rate(data_dir, tmp_path):
+def test_a_stage_trains_at_its_own_learning_rate(synthetic_benchmark, tmp_path):
     """stages.N.learning_rate replaces the algorithm's peak rate for that stage only: the
     logged rate of every update says which optimiser ran."""
     out = tmp_path / "run"
     assert train.main(["--config", str(ROOT / "configs/tiny_cpt.yaml"),
-                       *_overrides(data_dir, out, "stages.1.learning_rate=3e-3")]) == 0
+                       *_overrides(synthetic_benchmark, out, "stages.1.learning_rate=3e-3")]) == 0
     steps = [r for r in read_metrics(out) if r.get("event") is None]
     first = [r["learning_rate"] for r in steps if r["stage"] == 1]
     second = [r["learning_rate"] for r in steps if r["stage"] == 2]
@@ -126,15 +117,15 @@ def test_a_stage_trains_at_its_own_learning_rate(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
+def test_kill_and_resume_equals_an_uninterrupted_run(synthetic_benchmark, tmp_path):
     """Stage 1 SFT, stage 2 GRPO (sampling keys matter); killed with SIGKILL in stage 2."""
     config = str(ROOT / "configs/tiny_cpt.yaml")
     extra = ("checkpoint.every=2", "stages.1.algorithm=grpo", "grpo.group_size=4",
              "grpo.max_new_tokens=6", "grpo.prompts_per_step=2", "grpo.micro_batch_rows=8",
              "grpo.min_patches=512", "grpo.optim.learning_rate=1e-3")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    reference = _run(["--config", config, *_overrides(data_dir, whole, *extra)])
-    killed = _run(["--config", config, *_overrides(data_dir, cut, *extra)])
+    reference = _run(["--config", config, *_overrides(synthetic_benchmark, whole, *extra)])
+    killed = _run(["--config", config, *_overrides(synthetic_benchmark, cut, *extra)])
     deadline = time.time() + 600
     while time.time() < deadline and killed.poll() is None:
         metrics = cut / "metrics.jsonl"
@@ -147,7 +138,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not json.loads((cut / "results.json").read_text())["complete"]
-    resumed = _run(["--config", config, *_overrides(data_dir, cut, *extra), "--resume"])
+    resumed = _run(["--config", config, *_overrides(synthetic_benchmark, cut, *extra), "--resume"])
     out_resumed, _ = resumed.communicate(timeout=600)
     out_reference, _ = reference.communicate(timeout=600)
     assert resumed.returncode == 0, out_resumed[-3000:]
@@ -176,9 +167,9 @@ def _error(args: list[str]) -> str:
     return lines[0]
 
 
-def test_bad_input_is_one_line_before_any_work(data_dir, tmp_path):
+def test_bad_input_is_one_line_before_any_work(synthetic_benchmark, tmp_path):
     config = str(ROOT / "configs/tiny_cpt.yaml")
-    message = _error(["--config", config, *_overrides(data_dir, tmp_path / "a"),
+    message = _error(["--config", config, *_overrides(synthetic_benchmark, tmp_path / "a"),
                       "sft.learning_rate=1e-4"])
     assert "sft.learning_rate" in message
     missing = tmp_path / "no_such_folder"
@@ -187,29 +178,29 @@ def test_bad_input_is_one_line_before_any_work(data_dir, tmp_path):
     assert not (tmp_path / "b" / "metrics.jsonl").exists()
 
     out = tmp_path / "c"  # a run of the tiny model's shape, then a resume with another model
-    assert train.main(["--config", config, *_overrides(data_dir, out),
+    assert train.main(["--config", config, *_overrides(synthetic_benchmark, out),
                        "stages=[{task: syn_choice, steps: 2}]", "checkpoint.every=1"]) == 0
     # A stage-1 restart point exists; a resume with the small preset's shape must refuse it.
     checkpoints = Checkpoints(out)
     assert checkpoints.latest_step() is not None
     checkpoints.close()
     before = (out / "metrics.jsonl").read_text()
-    message = _error(["--config", config, *_overrides(data_dir, out),
+    message = _error(["--config", config, *_overrides(synthetic_benchmark, out),
                       "stages=[{task: syn_choice, steps: 2}]", "model.preset=small",
                       "--resume"])
     assert "has shape (512, 64) in the checkpoint" in message and "embed_tokens" in message
     assert (out / "metrics.jsonl").read_text() == before
-    message = _error(["--config", config, *_overrides(data_dir, out),
+    message = _error(["--config", config, *_overrides(synthetic_benchmark, out),
                       "stages=[{task: syn_choice, steps: 2}]"])
     assert "--resume" in message
 
 
-def test_multitask_and_rif_modes(data_dir, tmp_path):
+def test_multitask_and_rif_modes(synthetic_benchmark, tmp_path):
     """multitask: one stage on both tasks' rows (their epochs' worth); rif: the pass counts of
     each stage are saved, and a stage whose instances are all unsolvable trains no steps."""
     config = str(ROOT / "configs/tiny_cpt.yaml")
     out = tmp_path / "multitask"
-    assert train.main(["--config", config, *_overrides(data_dir, out), "mode=multitask",
+    assert train.main(["--config", config, *_overrides(synthetic_benchmark, out), "mode=multitask",
                        "stages=[{task: syn_choice, epochs: 1}, {task: syn_texture, "
                        "epochs: 2}]"]) == 0
     result = json.loads((out / "results.json").read_text())
@@ -219,7 +210,7 @@ def test_multitask_and_rif_modes(data_dir, tmp_path):
 
     out = tmp_path / "rif"
     assert train.main(["--config", str(ROOT / "configs/tiny_grpo.yaml"),
-                       *_overrides(data_dir, out), "mode=rif", "rif.group_size=2",
+                       *_overrides(synthetic_benchmark, out), "mode=rif", "rif.group_size=2",
                        "stages=[{task: syn_choice, steps: 2}]"]) == 0
     counts = json.loads((out / "rif/stage1_syn_choice.json").read_text())
     assert len(counts["counts"]) == 16 and counts["group_size"] == 2
