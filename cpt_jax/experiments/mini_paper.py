@@ -99,7 +99,7 @@ class Scale:
 # budget (reports/synthetic_learnability); quick: the `tiny` one, which only shows the loop.
 # The base at lr 5e-4 with the vision tower at the full rate reads more tasks than at 1e-3 or
 # with the tower at x0.1 (reports/mini_paper/base_variants.md). Stages of 36 steps (288 rows):
-# at 12 no stage taught its own task; the base keeps 928 rows of each task, as at 96.
+# at 12 neither method moved far from the base; the base keeps 928 rows of each task, as at 96.
 FULL = Scale(preset="mini", train_rows=1216, run_rows=288, test_rows=64, eval_batch=32,
              base_steps=2000, caption_warmup=300, base_lr=5e-4, vision_lr_scale=1.0)
 QUICK = Scale(preset="tiny", train_rows=40, run_rows=16, test_rows=8, eval_batch=8,
