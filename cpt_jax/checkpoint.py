@@ -15,6 +15,7 @@ the array.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ class Checkpoints:
         """Rolling checkpoint number `step`, increasing (the oldest beyond `keep` are
         deleted)."""
         self.rolling.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)),
+                                                        meta=ocp.args.JsonSave(_snapshot(meta))),
                           force=True)
 
     def latest_step(self) -> int | None:
@@ -80,7 +81,7 @@ class Checkpoints:
     def save_stage(self, stage: int, params: Any, meta: dict[str, Any]) -> None:
         """Stage `stage`'s final parameters, kept for good."""
         self.stages.save(stage, args=ocp.args.Composite(state=ocp.args.StandardSave(params),
-                                                        meta=ocp.args.JsonSave(meta)),
+                                                        meta=ocp.args.JsonSave(_snapshot(meta))),
                          force=True)
 
     def saved_stages(self) -> list[int]:
@@ -108,6 +109,13 @@ class Checkpoints:
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
+
+
+def _snapshot(meta: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the metadata as it is now. Orbax may write the JSON in the background, after
+    `save` returns: a dict that the caller goes on changing (the trainer's progress) would be
+    saved as it is then, ahead of the arrays (a resumed run then repeated a step)."""
+    return copy.deepcopy(meta)
 
 
 def _manager(directory: Path | epath.Path,
