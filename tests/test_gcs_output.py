@@ -20,7 +20,6 @@ from etils import epath
 from gcs_emulator import BUCKET, gcs_emulator
 from run_outputs import stage_params
 
-from cpt_jax import train
 from cpt_jax.checkpoint import Checkpoints
 from cpt_jax.export import export_stage
 from cpt_jax.run_dir import RunDir, StagingError
@@ -81,47 +80,56 @@ def test_staging_uploads_changes_and_pulls_into_a_new_folder(gcs, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def _train(args: list[str], log: Path) -> subprocess.Popen:
+    """`python -m cpt_jax.train` in a subprocess, as in test_train (the runs compared bit for
+    bit all run alike), its output in a file (a pipe nobody reads could fill and stall it)."""
+    with log.open("w") as output:
+        return subprocess.Popen([sys.executable, "-m", "cpt_jax.train", "--config", CONFIG,
+                                 *args], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                                stdout=output, stderr=subprocess.STDOUT)
+
+
+def _finish(process: subprocess.Popen, log: Path) -> None:
+    assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+
+
 @pytest.mark.slow
 def test_a_run_to_gcs_resumes_from_the_bucket_and_exports(gcs, synthetic_benchmark, tmp_path):
     data, whole, cut = synthetic_benchmark, f"gs://{BUCKET}/whole", f"gs://{BUCKET}/cut"
-    assert train.main(["--config", CONFIG, *_overrides(data, whole, tmp_path / "w")]) == 0
-    bucket = epath.Path(whole)
-    result = json.loads((bucket / "results.json").read_text())
-    assert result["complete"] and len(result["matrix"]) == 3
-    assert _steps((bucket / "metrics.jsonl").read_text()) == (
-        [(1, k) for k in range(1, 5)] + [(2, k) for k in range(1, 5)])
-    assert {p.name for p in (bucket / "plots").iterdir()} == {
-        "accuracy_matrix.png", "task_curves.png", "training.png"}
-    assert any(p.name.startswith("events.out.tfevents") for p in (bucket / "tensorboard")
-               .iterdir())
-    assert (bucket / "config.yaml").exists() and (bucket / "tokenizer").exists()
-    checkpoints = Checkpoints(whole)
-    assert checkpoints.saved_stages() == [1, 2] and checkpoints.latest_step() is not None
-    checkpoints.close()
-
+    logs = {name: tmp_path / f"{name}.log" for name in ("whole", "killed", "resumed")}
+    reference = _train(_overrides(data, whole, tmp_path / "w"), logs["whole"])
     # Killed in stage 2, then resumed on "another VM": a new staging folder, the bucket only.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    killed = subprocess.Popen(
-        [sys.executable, "-m", "cpt_jax.train", "--config", CONFIG,
-         *_overrides(data, cut, tmp_path / "c1")], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = _train(_overrides(data, cut, tmp_path / "c1"), logs["killed"])
     staged = tmp_path / "c1" / "metrics.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and killed.poll() is None:
         if staged.exists() and (2, 3) in _steps(staged.read_text().rpartition("\n")[0]):
             break
         time.sleep(0.2)
-    assert killed.poll() is None, killed.communicate()[0][-3000:]
+    assert killed.poll() is None, logs["killed"].read_text()[-3000:]
     killed.send_signal(signal.SIGKILL)
-    killed.communicate()
+    killed.wait()
     bucket = epath.Path(cut)
     assert not json.loads((bucket / "results.json").read_text())["complete"]
-    assert train.main(["--config", CONFIG, *_overrides(data, cut, tmp_path / "c2"),
-                       "--resume"]) == 0
-    assert (json.loads((bucket / "results.json").read_text())
+    _finish(_train([*_overrides(data, cut, tmp_path / "c2"), "--resume"], logs["resumed"]),
+            logs["resumed"])
+    _finish(reference, logs["whole"])
+
+    steps = [(1, k) for k in range(1, 5)] + [(2, k) for k in range(1, 5)]
+    for url in (whole, cut):
+        bucket = epath.Path(url)
+        assert json.loads((bucket / "results.json").read_text())["complete"]
+        assert _steps((bucket / "metrics.jsonl").read_text()) == steps
+        assert {p.name for p in (bucket / "plots").iterdir()} == {
+            "accuracy_matrix.png", "task_curves.png", "training.png"}
+        assert any(p.name.startswith("events.out.tfevents")
+                   for p in (bucket / "tensorboard").iterdir())
+        assert (bucket / "config.yaml").exists() and (bucket / "tokenizer").exists()
+        checkpoints = Checkpoints(url)
+        assert checkpoints.saved_stages() == [1, 2] and checkpoints.latest_step() is not None
+        checkpoints.close()
+    assert (json.loads(epath.Path(cut, "results.json").read_text())
             == json.loads(epath.Path(whole, "results.json").read_text()))
-    assert _steps((bucket / "metrics.jsonl").read_text()) == (
-        [(1, k) for k in range(1, 5)] + [(2, k) for k in range(1, 5)])
     config = tmp_path / "c2" / "config.yaml"
     a, b = stage_params(cut, 2, config), stage_params(whole, 2, config)
     assert a.keys() == b.keys()
