@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cpt_jax.data.tasks import TASKS
 from cpt_jax.rl.grpo import GRPOConfig
-from cpt_jax.run_dir import URL_SCHEMES, is_url
+from cpt_jax.run_dir import is_url, unsupported_url
 
 ALGORITHMS = ("sft", "grpo")
 MODES = ("sequential", "multitask", "rif")
@@ -307,9 +307,8 @@ def check(config: RunConfig, *, device_count: int | None = None) -> None:
         raise ConfigError(f"model.max_frame_patches: {frame_patches} is below the "
                           f"{config.data.max_pixels // PATCH_PIXELS} patches of an image at "
                           f"data.max_pixels ({config.data.max_pixels} / {PATCH_PIXELS})")
-    if is_url(config.output_dir) and not config.output_dir.startswith(URL_SCHEMES):
-        raise ConfigError(f"output_dir: {config.output_dir!r}: the only URLs supported are "
-                          f"{', '.join(URL_SCHEMES)} (or mount the store and name the mount)")
+    if error := unsupported_url(config.output_dir):
+        raise ConfigError(error)
     if config.staging_dir is not None and is_url(config.staging_dir):
         raise ConfigError(f"staging_dir: {config.staging_dir!r} must be a local folder")
     if config.model.path is None and config.model.preset is None:

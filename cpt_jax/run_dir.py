@@ -34,6 +34,14 @@ def is_url(path: os.PathLike | str) -> bool:
     return "://" in str(path)
 
 
+def unsupported_url(path: str) -> str | None:
+    """Why `path` cannot be an output_dir (a URL of another store), else None."""
+    if is_url(path) and not path.startswith(URL_SCHEMES):
+        return (f"output_dir: {path!r}: the only URLs supported are {', '.join(URL_SCHEMES)} "
+                f"(or mount the store and name the mount)")
+    return None
+
+
 def as_path(path: os.PathLike | str) -> Path | epath.Path:
     """A local path (absolute), or an `epath.Path` for a URL (`pathlib` would collapse the
     `//` of `gs://bucket`)."""
@@ -55,10 +63,9 @@ class RunDir:
         """Processes after the first stage into subfolders of their own (several processes
         may share a host); only the first one's files are uploaded."""
         self.name = output_dir
+        if error := unsupported_url(output_dir):
+            raise ValueError(error)
         if is_url(output_dir):
-            if not output_dir.startswith(URL_SCHEMES):
-                raise ValueError(f"output_dir: {output_dir!r}: the only URLs supported are "
-                                 f"{', '.join(URL_SCHEMES)}")
             self.remote: epath.Path | None = epath.Path(output_dir)
             self.local = Path(staging_dir) if staging_dir else default_staging(output_dir)
             if process_index:
@@ -81,7 +88,7 @@ class RunDir:
         if self.local.exists() and any(self.local.iterdir()):
             if not marker.exists():
                 raise StagingError(f"staging_dir: {self.local} holds files that no gs:// run "
-                                 f"staged: name an empty or new folder")
+                                   f"staged: name an empty or new folder")
             shutil.rmtree(self.local)
         self.local.mkdir(parents=True, exist_ok=True)
         marker.write_text(self.name + "\n")
