@@ -6,10 +6,7 @@ its stage exports to a folder transformers loads."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,13 +15,12 @@ import pytest
 import transformers
 from etils import epath
 from gcs_emulator import BUCKET, gcs_emulator
-from run_outputs import stage_params
+from run_outputs import ROOT, finish, stage_params, train_process
 
 from cpt_jax.checkpoint import Checkpoints
 from cpt_jax.export import export_stage
 from cpt_jax.run_dir import RunDir, StagingError
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/tiny_cpt.yaml")
 
 
@@ -80,26 +76,15 @@ def test_staging_uploads_changes_and_pulls_into_a_new_folder(gcs, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
-def _train(args: list[str], log: Path) -> subprocess.Popen:
-    """`python -m cpt_jax.train` in a subprocess, as in test_train (the runs compared bit for
-    bit all run alike), its output in a file (a pipe nobody reads could fill and stall it)."""
-    with log.open("w") as output:
-        return subprocess.Popen([sys.executable, "-m", "cpt_jax.train", "--config", CONFIG,
-                                 *args], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                                stdout=output, stderr=subprocess.STDOUT)
-
-
-def _finish(process: subprocess.Popen, log: Path) -> None:
-    assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
-
-
 @pytest.mark.slow
 def test_a_run_to_gcs_resumes_from_the_bucket_and_exports(gcs, synthetic_benchmark, tmp_path):
     data, whole, cut = synthetic_benchmark, f"gs://{BUCKET}/whole", f"gs://{BUCKET}/cut"
     logs = {name: tmp_path / f"{name}.log" for name in ("whole", "killed", "resumed")}
-    reference = _train(_overrides(data, whole, tmp_path / "w"), logs["whole"])
+    reference = train_process(["--config", CONFIG, *_overrides(data, whole, tmp_path / "w")],
+                              logs["whole"])
     # Killed in stage 2, then resumed on "another VM": a new staging folder, the bucket only.
-    killed = _train(_overrides(data, cut, tmp_path / "c1"), logs["killed"])
+    killed = train_process(["--config", CONFIG, *_overrides(data, cut, tmp_path / "c1")],
+                           logs["killed"])
     staged = tmp_path / "c1" / "metrics.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and killed.poll() is None:
@@ -111,9 +96,10 @@ def test_a_run_to_gcs_resumes_from_the_bucket_and_exports(gcs, synthetic_benchma
     killed.wait()
     bucket = epath.Path(cut)
     assert not json.loads((bucket / "results.json").read_text())["complete"]
-    _finish(_train([*_overrides(data, cut, tmp_path / "c2"), "--resume"], logs["resumed"]),
-            logs["resumed"])
-    _finish(reference, logs["whole"])
+    resumed = train_process(["--config", CONFIG, *_overrides(data, cut, tmp_path / "c2"),
+                             "--resume"], logs["resumed"])
+    finish(resumed, logs["resumed"])
+    finish(reference, logs["whole"])
 
     steps = [(1, k) for k in range(1, 5)] + [(2, k) for k in range(1, 5)]
     for url in (whole, cut):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from run_outputs import stage_params
+from run_outputs import finish, stage_params, train_process
 
 from cpt_jax import train
 from cpt_jax.checkpoint import Checkpoints
@@ -124,8 +124,11 @@ def test_kill_and_resume_equals_an_uninterrupted_run(synthetic_benchmark, tmp_pa
              "grpo.max_new_tokens=6", "grpo.prompts_per_step=2", "grpo.micro_batch_rows=8",
              "grpo.min_patches=512", "grpo.optim.learning_rate=1e-3")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    reference = _run(["--config", config, *_overrides(synthetic_benchmark, whole, *extra)])
-    killed = _run(["--config", config, *_overrides(synthetic_benchmark, cut, *extra)])
+    logs = {name: tmp_path / f"{name}.log" for name in ("whole", "killed", "resumed")}
+    reference = train_process(["--config", config,
+                               *_overrides(synthetic_benchmark, whole, *extra)], logs["whole"])
+    killed = train_process(["--config", config, *_overrides(synthetic_benchmark, cut, *extra)],
+                           logs["killed"])
     deadline = time.time() + 600
     while time.time() < deadline and killed.poll() is None:
         metrics = cut / "metrics.jsonl"
@@ -138,11 +141,10 @@ def test_kill_and_resume_equals_an_uninterrupted_run(synthetic_benchmark, tmp_pa
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not json.loads((cut / "results.json").read_text())["complete"]
-    resumed = _run(["--config", config, *_overrides(synthetic_benchmark, cut, *extra), "--resume"])
-    out_resumed, _ = resumed.communicate(timeout=600)
-    out_reference, _ = reference.communicate(timeout=600)
-    assert resumed.returncode == 0, out_resumed[-3000:]
-    assert reference.returncode == 0, out_reference[-3000:]
+    resumed = train_process(["--config", config, *_overrides(synthetic_benchmark, cut, *extra),
+                             "--resume"], logs["resumed"])
+    finish(resumed, logs["resumed"])
+    finish(reference, logs["whole"])
 
     assert (json.loads((cut / "results.json").read_text())
             == json.loads((whole / "results.json").read_text()))
