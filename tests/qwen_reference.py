@@ -179,6 +179,19 @@ def many_images_batch(seed: int = 2) -> Batch:
     return _with_pixels(rng, rows, image_grids, video_grids)
 
 
+def same_size_images_batch(window_size: int, seed: int = 3) -> Batch:
+    """Three rows of one image each, all of one size, two windows a side: every window and
+    every frame fills its own block of the packed patches (the vision tower's exact-block
+    attention) when the bound on a frame is the image."""
+    rng = np.random.default_rng(seed)
+    side = 2 * window_size // 14
+    grids = [(1, side, side)] * 3
+    rows = [_text(rng, 2 + i) + _vision_tokens(IMAGE, grid) + _text(rng, 5 - i)
+            for i, grid in enumerate(grids)]
+    return dataclasses.replace(_with_pixels(rng, rows, grids, []), pixel_values_videos=None,
+                               video_grid_thw=None)
+
+
 def text_batch(seed: int = 1) -> Batch:
     rng = np.random.default_rng(seed)
     ids, mask = pad_left([_text(rng, 9), _text(rng, 5), _text(rng, 7)])

@@ -47,6 +47,11 @@ class VisionConfig:
     def merge_unit(self) -> int:
         return self.spatial_merge_size**2
 
+    @property
+    def window_patches(self) -> int:
+        """Patches in a full attention window (edge windows hold fewer)."""
+        return (self.window_size // self.patch_size) ** 2
+
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:

@@ -184,33 +184,78 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     """Grouped-query attention with a boolean mask, softmax in fp32.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim], or with
-    `heads_major` [batch, kv_heads, kv_len, head_dim] (a per-layer KV cache: both products are
-    then plain batched matmuls over (batch, kv head), which XLA's CPU backend runs 1.5x faster
-    for one-token decoding than the same products over the slot-major cache);
+    `heads_major` [batch, kv_heads, kv_len, head_dim] (a per-layer KV cache, read as it is);
     mask: [batch, q_len, kv_len] (True = attend). Returns [batch, q_len, heads, head_dim].
     Masked logits take the dtype's minimum, as transformers' eager path does, so a row with no
     visible key gives a finite (uniform) result instead of NaN.
+
+    The products run heads-major, as plain batched matmuls over (batch, KV head) with a KV
+    head's query groups stacked as rows: XLA's CPU backend runs those 1.5x faster than the
+    same products over slot-major operands. The gradient is `_grouped_attention`'s own.
     """
     batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[1 if heads_major else 2]
+    if not heads_major:
+        k, v = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k, v))
+    kv_heads = k.shape[1]
     groups = heads // kv_heads
-    q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
-    if heads_major:
-        rows = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(batch, kv_heads, groups * q_len,
-                                                         head_dim)
-        scores = jax.lax.dot_general(rows, k, (((3,), (3,)), ((0, 1), (0, 1))))
-        scores = scores.reshape(batch, kv_heads, groups, q_len, -1)
-    else:
-        scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k)
-    probs = attention_probs(scores, mask, head_dim, v.dtype)
-    if heads_major:
-        out = jax.lax.dot_general(probs.reshape(batch, kv_heads, groups * q_len, -1), v,
-                                  (((3,), (2,)), ((0, 1), (0, 1))))
-        out = jnp.transpose(out.reshape(batch, kv_heads, groups, q_len, head_dim),
-                            (0, 3, 1, 2, 4))
-    else:
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+    rows = jnp.transpose(q.reshape(batch, q_len, kv_heads, groups, head_dim), (0, 2, 3, 1, 4))
+    out = _grouped_attention(rows.reshape(batch, kv_heads, groups * q_len, head_dim), k, v,
+                             mask)
+    out = jnp.transpose(out.reshape(batch, kv_heads, groups, q_len, head_dim), (0, 3, 1, 2, 4))
     return out.reshape(batch, q_len, heads, head_dim)
+
+
+def _batched_matmul(a: jax.Array, b: jax.Array, a_contract: int, b_contract: int,
+                    **dot_kwargs: Any) -> jax.Array:
+    """A product over the last two axes, batched over the leading (batch, KV head) pair."""
+    return jax.lax.dot_general(a, b, (((a_contract,), (b_contract,)), ((0, 1), (0, 1))),
+                               **dot_kwargs)
+
+
+def _grouped_probs(q: jax.Array, k: jax.Array, mask: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`attention_probs` of heads-major query rows [b, kv_heads, groups * q_len, d] against
+    keys [b, kv_heads, kv_len, d], in the rows' layout [b, kv_heads, groups * q_len, kv_len]."""
+    batch, kv_heads, rows, head_dim = q.shape
+    scores = _batched_matmul(q, k, 3, 3)
+    scores = scores.reshape(batch, kv_heads, rows // mask.shape[1], mask.shape[1], -1)
+    return attention_probs(scores, mask, head_dim, dtype).reshape(batch, kv_heads, rows, -1)
+
+
+@jax.custom_vjp
+def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v over heads-major operands (`_grouped_probs`' layout),
+    returning [b, kv_heads, groups * q_len, d].
+
+    Its gradient is FlashAttention's: the softmax's backward pass needs, per query row, the sum
+    of dO * O over head_dim (a [rows, d] product) instead of the sum of P * dP over the keys
+    that autodiff forms on the [rows, kv_len] scores. On a CPU that reduction and the copies
+    around it were most of attention's backward pass (benchmarks/README.md)."""
+    return _batched_matmul(_grouped_probs(q, k, mask, v.dtype), v, 3, 2)
+
+
+def _grouped_attention_forward(q, k, v, mask):
+    probs = _grouped_probs(q, k, mask, v.dtype)
+    out = _batched_matmul(probs, v, 3, 2)
+    return out, (q, k, v, mask, probs, out)
+
+
+def _grouped_attention_backward(residuals, d_out):
+    q, k, v, mask, probs, out = residuals
+    batch, kv_heads, rows, head_dim = q.shape
+    d_v = _batched_matmul(probs, d_out, 2, 2)
+    d_probs = _batched_matmul(d_out, v, 3, 3, preferred_element_type=jnp.float32)
+    row_sums = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1,
+                       keepdims=True)
+    d_scores = probs.astype(jnp.float32) * (d_probs - row_sums)
+    # Hidden logits were replaced by a constant: no gradient reaches them (it matters in a row
+    # with no visible key, whose uniform probabilities are not zero).
+    d_scores = d_scores.reshape(batch, kv_heads, rows // mask.shape[1], mask.shape[1], -1)
+    d_scores = jnp.where(mask[:, None, None], d_scores * (head_dim**-0.5), 0.0)
+    d_scores = d_scores.reshape(batch, kv_heads, rows, -1).astype(q.dtype)
+    return (_batched_matmul(d_scores, k, 3, 2), _batched_matmul(d_scores, q, 2, 2), d_v, None)
+
+
+_grouped_attention.defvjp(_grouped_attention_forward, _grouped_attention_backward)
 
 
 def shared_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,

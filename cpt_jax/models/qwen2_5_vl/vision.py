@@ -32,6 +32,7 @@ from .layers import (
 from .vision_layout import VisionLayout, vision_layout
 
 NORM_EPS = 1e-6  # fixed in transformers, not read from the config
+PADDING_SEGMENT = -1  # the attention segment id of padding patches
 
 
 # The packed patches' hidden states [patches, hidden] spread over the batch's devices under a
@@ -59,7 +60,7 @@ class VisionInputs(NamedTuple):
               *, pad_to: int | None = None) -> VisionInputs:
         """Lays out the patches of `grid_thw`; `pad_to` pads them to a fixed count so that
         batches with different image sizes share one compiled program (padding patches form
-        their own attention segment and their features are never used)."""
+        their own attention segment, id -1, and their features are never used)."""
         grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
         expected = int(np.prod(grid_thw, axis=-1).sum())
         if pixel_values.shape != (expected, config.patch_dim):
@@ -95,8 +96,8 @@ def _pad(arrays: list[np.ndarray], size: int, pad_to: int, unit: int) -> list[np
             np.concatenate([window_index, merged_pad]),
             np.concatenate([reverse_index, merged_pad]),
             np.concatenate([rotary, np.zeros((extra, 2), rotary.dtype)]),
-            np.concatenate([window_ids, np.full(extra, window_ids.max() + 1, np.int32)]),
-            np.concatenate([frame_ids, np.full(extra, frame_ids.max() + 1, np.int32)])]
+            np.concatenate([window_ids, np.full(extra, PADDING_SEGMENT, np.int32)]),
+            np.concatenate([frame_ids, np.full(extra, PADDING_SEGMENT, np.int32)])]
 
 
 class VisionAttention(nnx.Module):
@@ -109,8 +110,8 @@ class VisionAttention(nnx.Module):
         self.proj = Dense((heads, head_dim), (config.hidden_size,),
                           in_axes=("vision_heads", "head_dim"), out_axes=("vision_embed",),
                           use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.window_tokens = (config.window_size // config.patch_size) ** 2
-        self.frame_chunk = None if max_frame_patches is None else -(-max_frame_patches // 2)
+        self.window_tokens = config.window_patches
+        self.max_frame_patches = max_frame_patches
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: Segments,
                  full: jax.Array) -> jax.Array:
@@ -123,24 +124,53 @@ class VisionAttention(nnx.Module):
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(x.dtype)
         out = jax.lax.cond(
             full,
-            lambda: self.frame_attention(q, k, v, segments.frames),
-            lambda: local_segment_attention(q, k, v, segments.windows, self.window_tokens))
+            lambda: self.frame_attention(q, k, v, segments),
+            lambda: blocked_segment_attention(q, k, v, segments.windows, self.window_tokens,
+                                              segments.windows_in_blocks, reach=1))
         return self.proj(out)
 
     def frame_attention(self, q: jax.Array, k: jax.Array, v: jax.Array,
-                        frames: jax.Array) -> jax.Array:
+                        segments: Segments) -> jax.Array:
         """Attention within each frame: over neighbouring chunks when frames are known to be
         at most `max_frame_patches` long and that is cheaper, else over the whole sequence."""
-        if self.frame_chunk is not None and 5 * self.frame_chunk < q.shape[0]:
-            return local_segment_attention(q, k, v, frames, self.frame_chunk, reach=2)
-        return segment_attention(q, k, v, frames)
+        block = self.max_frame_patches
+        if block is not None and 5 * -(-block // 2) < q.shape[0]:
+            return blocked_segment_attention(q, k, v, segments.frames, block,
+                                             segments.frames_in_blocks, reach=2)
+        return segment_attention(q, k, v, segments.frames)
 
 
 class Segments(NamedTuple):
-    """Attention segment ids per token (window order): windows and frames."""
+    """Attention segment ids per token (window order), windows and frames, and whether each
+    kind lies in blocks (`segments_in_blocks`) of the window and of `max_frame_patches`."""
 
     windows: jax.Array
     frames: jax.Array
+    windows_in_blocks: jax.Array
+    frames_in_blocks: jax.Array
+
+
+def segments_in_blocks(ids: jax.Array, block: int) -> jax.Array:
+    """True when no segment crosses a boundary between consecutive blocks of `block` tokens
+    (padding, id -1, may): attention within each block then sees every segment whole."""
+    bounds = np.arange(block, ids.shape[0], block)
+    if not len(bounds):
+        return jnp.asarray(True)
+    after = ids[bounds]
+    return ~jnp.any((after == ids[bounds - 1]) & (after != PADDING_SEGMENT))
+
+
+def blocked_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array,
+                              block: int, in_blocks: jax.Array, reach: int) -> jax.Array:
+    """Attention within segments of at most `block` tokens: within each block of `block`
+    tokens when `in_blocks` (a traced bool, `segments_in_blocks`) holds, as when every image
+    of a batch has the same size; else over neighbouring chunks (`local_segment_attention`
+    with chunks of block / reach). Only the chosen form runs; the first computes the scores it
+    keeps, the second (2 reach + 1) / reach times as many."""
+    return jax.lax.cond(
+        in_blocks,
+        lambda: local_segment_attention(q, k, v, ids, block, reach=0),
+        lambda: local_segment_attention(q, k, v, ids, -(-block // reach), reach=reach))
 
 
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array,
@@ -167,7 +197,7 @@ def local_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.A
     The sequence is cut into chunks of `chunk` tokens; a token's segment then lies within
     `reach` chunks on either side of its own, so each query chunk only needs those 2 * reach
     + 1 key chunks: cost n x (2 * reach + 1) * chunk instead of n x n, with the same result.
-    Windows use reach 1 and the window as the chunk; frames, half a frame and reach 2. Where
+    Reach 0 is for segments that no chunk boundary cuts (`blocked_segment_attention`). Where
     the scores would outgrow `segment_attention`'s (query_chunk x n), the query chunks go a
     group at a time as there.
     """
@@ -175,7 +205,7 @@ def local_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.A
     n_chunks = -(-n // chunk)
     pad = n_chunks * chunk - n
     q, k, v = (jnp.pad(t, ((0, pad), (0, 0), (0, 0))) for t in (q, k, v))
-    ids = jnp.pad(ids, (0, pad), constant_values=-1)
+    ids = jnp.pad(ids, (0, pad), constant_values=PADDING_SEGMENT - 1)  # seen by none
 
     def with_neighbours(t: jax.Array, fill: int) -> jax.Array:
         t = t.reshape(n_chunks, chunk, *t.shape[1:])
@@ -189,7 +219,7 @@ def local_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.A
 
     out = map_in_chunks(attend, (q.reshape(n_chunks, chunk, *q.shape[1:]),
                                  ids.reshape(n_chunks, chunk), with_neighbours(k, 0),
-                                 with_neighbours(v, 0), with_neighbours(ids, -2)),
+                                 with_neighbours(v, 0), with_neighbours(ids, PADDING_SEGMENT - 2)),
                         max(1, query_chunk * n // (chunk * chunk * (2 * reach + 1))))
     return out.reshape(n_chunks * chunk, *out.shape[2:])[:n]
 
@@ -270,7 +300,10 @@ class VisionTower(nnx.Module):
         n, d = x.shape
         x = x.reshape(n // unit, unit, d)[inputs.window_index].reshape(n, d)
         cos, sin = self.rotary(inputs.rotary_positions)
-        segments = Segments(inputs.window_segment_ids, inputs.frame_segment_ids)
+        windows, frames = inputs.window_segment_ids, inputs.frame_segment_ids
+        segments = Segments(
+            windows, frames, segments_in_blocks(windows, self.config.window_patches),
+            segments_in_blocks(frames, self.max_frame_patches or frames.shape[0]))
 
         def step(block, h, is_full):
             return constrain(block(h, cos, sin, segments, is_full), PATCH_AXES), None
