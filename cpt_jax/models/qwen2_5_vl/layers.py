@@ -100,7 +100,29 @@ class SwiGLU(nnx.Module):
                                **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated_silu(self.gate_proj(x), self.up_proj(x)))
+
+
+@jax.custom_vjp
+def gated_silu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, with a hand-written gradient: one pass over (gate, up, cotangent) that
+    XLA's CPU backend fuses, where autodiff's several passes (sigmoid, its derivative, the
+    products and their sums) were about 7 % of a `small` train step's op time."""
+    return jax.nn.silu(gate) * up
+
+
+def _gated_silu_forward(gate: jax.Array, up: jax.Array):
+    return gated_silu(gate, up), (gate, up)
+
+
+def _gated_silu_backward(residuals, d_out):
+    gate, up = residuals
+    sigmoid = jax.nn.sigmoid(gate)
+    silu = gate * sigmoid
+    return d_out * up * (sigmoid + silu * (1 - sigmoid)), d_out * silu
+
+
+gated_silu.defvjp(_gated_silu_forward, _gated_silu_backward)
 
 
 def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], count: int,
