@@ -205,7 +205,7 @@ def local_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.A
     n_chunks = -(-n // chunk)
     pad = n_chunks * chunk - n
     q, k, v = (jnp.pad(t, ((0, pad), (0, 0), (0, 0))) for t in (q, k, v))
-    ids = jnp.pad(ids, (0, pad), constant_values=PADDING_SEGMENT - 1)  # seen by none
+    ids = jnp.pad(ids, (0, pad), constant_values=PADDING_SEGMENT - 1)  # no patch sees these
 
     def with_neighbours(t: jax.Array, fill: int) -> jax.Array:
         t = t.reshape(n_chunks, chunk, *t.shape[1:])
