@@ -237,7 +237,8 @@ class Planner:
                                     rows_per_micro_batch=rows, min_patches=grpo.min_patches)
         batch.pop("sampler_logprobs")
         batch["advantages"] = np.zeros(batch["answer_ids"].shape[:2], np.float32)
-        wanted = ["old_logprobs"] * (not grpo.on_policy) + ["ref_logprobs"] * (grpo.kl_coef > 0)
+        wanted = (["old_logprobs"] * (not grpo_config(grpo).on_policy)
+                  + ["ref_logprobs"] * (grpo.kl_coef > 0))
         for key in wanted:
             batch[key] = np.zeros(batch["answer_ids"].shape, np.float32)
         answers = grpo.prompts_per_step // grpo.mini_batches * grpo.group_size

@@ -87,6 +87,19 @@ def test_cli_json_report_and_what_does_not_fit(capsys):
         ("sft.micro_batches=", "mesh."))
 
 
+@pytest.mark.tpu_compile
+def test_grpo_programs_of_a_small_model_compile_for_a_v5e():
+    """The paper's GRPO config on the small model: its log-prob forward over an update
+    micro-batch (the batch the update takes too) and its decode step, compiled in CI's time;
+    the paper_compile tests compile every program at 3B / 7B (the update alone ~5 min)."""
+    programs = ["logprobs", "decode_step"]
+    overrides = ("model.preset=small", "model.path=null", "data.length_buckets=[256]",
+                 "data.max_pixels=12544", "data.min_patches=64", "grpo.max_new_tokens=32")
+    report = _plan("qwen2_5_vl_3b_grpo.yaml", "v5e:2x2", 4, programs, overrides)
+    assert sorted(report["programs"]) == sorted(programs)
+    assert report["fits"], table(report)
+
+
 def test_bad_topology_and_config_are_one_line_errors(capsys):
     assert main(["--config", str(PAPER / "qwen2_5_vl_7b_sft.yaml"),
                  "--topology", "v9z:1x1"]) == 2
