@@ -79,7 +79,11 @@ class Checkpoints:
         return self._restore(self.rolling, step, target)
 
     def save_stage(self, stage: int, params: Any, meta: dict[str, Any]) -> None:
-        """Stage `stage`'s final parameters, kept for good."""
+        """Stage `stage`'s final parameters, kept for good. A run killed after this save but
+        before its next rolling checkpoint resumes inside the stage and ends it again: that
+        save replaces the earlier one (Orbax refuses a step that exists)."""
+        if stage in self.stages.all_steps():
+            self.stages.delete(stage)
         self.stages.save(stage, args=ocp.args.Composite(state=ocp.args.StandardSave(params),
                                                         meta=ocp.args.JsonSave(_snapshot(meta))),
                          force=True)

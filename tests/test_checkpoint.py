@@ -56,6 +56,22 @@ def test_rolling_keeps_the_newest_and_stages_stay(tmp_path):
     checkpoints.close()
 
 
+def test_a_resumed_run_saves_a_stage_again_over_the_killed_runs_save(tmp_path):
+    """A run killed after its stage-final save resumes from the stage's last rolling
+    checkpoint and ends the stage again, in a new process (a new manager)."""
+    killed = Checkpoints(tmp_path)
+    killed.save_stage(2, _tree(0)["params"], {"stage": 2, "run": "killed"})
+    killed.close()
+    resumed = Checkpoints(tmp_path)
+    params = _tree(1)["params"]
+    resumed.save_stage(2, params, {"stage": 2, "run": "resumed"})
+    resumed.wait()
+    assert resumed.saved_stages() == [2]
+    restored, meta = resumed.restore_stage(2, abstract(params))
+    assert _equal(restored, params) and meta == {"stage": 2, "run": "resumed"}
+    resumed.close()
+
+
 def test_a_half_written_checkpoint_is_never_listed(tmp_path):
     """Orbax writes into a temporary folder and renames it when complete: a save killed
     midway leaves only the temporary folder, which no manager lists or restores."""
