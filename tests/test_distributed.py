@@ -60,16 +60,18 @@ def test_two_processes_agree_with_one(tmp_path):
     assert (tmp_path / "two" / "checkpoints" / "rolling" / "1").is_dir()
 
 
+SFT_THEN_GRPO = ("stages=[{task: syn_choice, steps: 2, algorithm: sft}, "
+                 "{task: syn_texture, steps: 2}]")
+
+
 def _train(out: Path, data_dir: Path, processes: int, *overrides: str) -> None:
-    """configs/tiny_grpo.yaml cut to an SFT stage and a GRPO stage, on 4 CPU devices in all."""
+    """configs/tiny_grpo.yaml on the stages that `overrides` name, on 4 CPU devices in all."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={4 // processes}"}
     command = [sys.executable, "-m", "cpt_jax.train", "--config",
                str(ROOT / "configs" / "tiny_grpo.yaml"), f"output_dir={out}",
                f"data.data_dir={data_dir}", "data.synthetic=false", "eval.examples=8",
-               "data.general_tasks=[syn_general_pope]",
-               "stages=[{task: syn_choice, steps: 2, algorithm: sft}, "
-               "{task: syn_texture, steps: 2}]", *overrides]
+               "data.general_tasks=[syn_general_pope]", *overrides]
     port = str(_free_port())
     runs = [subprocess.Popen(
         command + ([] if processes == 1 else [
@@ -87,20 +89,21 @@ def _train(out: Path, data_dir: Path, processes: int, *overrides: str) -> None:
 def test_train_command_on_two_processes_equals_one(tmp_path, mode):
     """The whole run, not a step: every process encodes its share of each batch and the shares
     are gathered, rollout tokens are gathered for the rewards, both processes write the
-    checkpoints. In `rif` mode the random tiny model solves nothing, so its GRPO stage keeps
-    no instance and has no step: the stage's checkpoint follows the last rolling one at
-    once."""
+    checkpoints. `sequential` runs an SFT stage and a GRPO stage. `rif` runs the GRPO stage
+    alone: the random tiny model solves nothing, so the stage keeps no instance and has no
+    step, and its checkpoint follows the last rolling one at once."""
     data_dir = tmp_path / "data"
     assert build.main(["--synthetic", "--train", "16", "--test", "8", "--data-dir",
                        str(data_dir)]) == 0
-    overrides = [f"mode={mode}", "rif.group_size=4"]
+    stages = SFT_THEN_GRPO if mode == "sequential" else "stages=[{task: syn_texture, steps: 2}]"
+    overrides = [f"mode={mode}", "rif.group_size=4", stages]
     _train(tmp_path / "one", data_dir, 1, *overrides)
     _train(tmp_path / "two", data_dir, 2, *overrides)
     logs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
             for run in ("one", "two")]
     assert [r.get("event") for r in logs[0]] == [r.get("event") for r in logs[1]]
     assert [r["stage"] for r in logs[1]] == ([0, 1, 1, 1, 2, 2, 2] if mode == "sequential"
-                                             else [0, 1, 1, 1, 2, 2])
+                                             else [0, 1, 1])
     for one, two in zip(*logs, strict=True):
         assert one.keys() == two.keys()
         for key in one.keys() - {"seconds"}:
@@ -111,7 +114,7 @@ def test_train_command_on_two_processes_equals_one(tmp_path, mode):
     results = [json.loads((tmp_path / run / "results.json").read_text())
                for run in ("one", "two")]
     assert results[0]["matrix"] == results[1]["matrix"]
-    for stage in (1, 2):
+    for stage in (1, 2) if mode == "sequential" else (1,):
         one = stage_params(tmp_path / "one", stage, tmp_path / "one" / "config.yaml")
         two = stage_params(tmp_path / "two", stage, tmp_path / "two" / "config.yaml")
         assert one.keys() == two.keys()

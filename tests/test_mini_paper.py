@@ -103,7 +103,7 @@ def test_quick_variant_runs_everything_and_reports_the_runs_numbers(tmp_path):
         method = name.rsplit("_seed", 1)[0]
         results = json.loads((out / "runs" / name / "results.json").read_text())
         assert results["complete"]
-        assert len(results["matrix"]) == (2 if method == "multitask" else 4)  # 3 stages
+        assert len(results["matrix"]) == (2 if method == "multitask" else 3)  # 2 stages
         cells = _cells(readme, LABELS[method])
         assert cells[1] == "1"  # seeds
         assert cells[2] == _percent([results["avg_acc"]])

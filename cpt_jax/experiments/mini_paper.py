@@ -103,7 +103,7 @@ class Scale:
 FULL = Scale(preset="mini", train_rows=1216, run_rows=288, test_rows=64, eval_batch=32,
              base_steps=2000, caption_warmup=300, base_lr=5e-4, vision_lr_scale=1.0)
 QUICK = Scale(preset="tiny", train_rows=40, run_rows=16, test_rows=8, eval_batch=8,
-              base_steps=8, caption_warmup=2, stages=3)
+              base_steps=8, caption_warmup=2, stages=2)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
