@@ -4,6 +4,7 @@ backfill, and one compilation for many steps."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -297,3 +298,35 @@ def test_bad_configs_name_the_field():
         GRPOConfig(mini_batches=3).check_batch(4)
     with pytest.raises(ValueError, match="micro_batch_rows"):
         GRPOConfig(group_size=4, micro_batch_rows=3).check_batch(2)
+
+
+def _gradient_temp_bytes(layers: int, prompt_length: int = 1024) -> int:
+    """XLA's temporary bytes for the gradient of `shared_prefix_logprobs` (remat on, as the
+    paper configs), for the tiny model with `layers` text layers and one long prompt whose 4
+    answers are 64 tokens."""
+    text = dataclasses.replace(CONFIG.text, num_hidden_layers=layers)
+    model = nnx.eval_shape(lambda: Qwen2_5_VL(dataclasses.replace(CONFIG, text=text),
+                                              remat=True, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    shape = jax.ShapeDtypeStruct
+    micro = {"prompt_ids": shape((1, prompt_length), jnp.int32),
+             "prompt_positions": shape((3, 1, prompt_length), jnp.int32),
+             "prompt_mask": shape((1, prompt_length), jnp.bool_),
+             "answer_ids": shape((4, 64), jnp.int32), "response_mask": shape((4, 64), jnp.int32)}
+
+    def total(params, micro):
+        model = nnx.merge(graphdef, params, rest)
+        return grpo.shared_prefix_logprobs(model, micro, 1.0)[0].sum()
+
+    compiled = jax.jit(jax.grad(total)).lower(params, micro).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_the_update_memory_grows_linearly_with_the_layers():
+    """Each further layer costs the update the same memory. When the prompt's keys and values
+    were a cache carried through the layer scan, the gradient saved the whole cache once per
+    layer, so each layer cost more than the last (the 3B update grew by 5 GiB per chip, and
+    no longer fitted a v5e-8): 2 -> 5 -> 8 layers took 10.3 then 16.2 MB here."""
+    two, five, eight = (_gradient_temp_bytes(layers) for layers in (2, 5, 8))
+    assert five > two
+    assert eight - five <= 1.25 * (five - two), (two, five, eight)

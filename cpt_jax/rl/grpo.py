@@ -31,7 +31,7 @@ from flax import nnx
 from transformers import PreTrainedTokenizerBase
 
 from cpt_jax.data.tasks import ScoreFn
-from cpt_jax.models.qwen2_5_vl import GroupCache, Qwen2_5_VL
+from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL
 from cpt_jax.optim import current_learning_rate
 from cpt_jax.rl import algorithms
 from cpt_jax.rl.groups import Group, shared_prefix_batch, split_into_groups
@@ -109,21 +109,23 @@ def shared_prefix_logprobs(model: Qwen2_5_VL, micro: UpdateBatch, temperature: f
                            ) -> tuple[jax.Array, jax.Array]:
     """log softmax(logits / temperature) of each answer token given the tokens before it, and
     the entropy of that distribution, over `groups.shared_prefix_batch`'s layout: each prompt
-    (and its images) runs once into a cache, and its answers run against that cache as one
-    group (`GroupCache`), so the prompt's work is done once per group instead of once per
-    answer. Returns [answers, max_new] each: column t is answer token t."""
-    prompts, prompt_length = micro["prompt_ids"].shape
+    (and its images) runs once, and its answers run as one group over the prompt's keys and
+    values (`PromptKV`, as a `GroupCache` in decoding), so the prompt's work is done once per
+    group instead of once per answer. Returns [answers, max_new] each: column t is answer
+    token t."""
+    prompts = micro["prompt_ids"].shape[0]
     rows, answer_length = micro["answer_ids"].shape
-    cache = model.init_cache(prompts, prompt_length)
-    prompt_hidden, cache = model.hidden_states(micro["prompt_ids"], micro["prompt_positions"],
-                                               micro["prompt_mask"], micro.get("vision"), cache)
-    cache = GroupCache.after_prefill(cache, rows // prompts, answer_length)
-    positions = cache.next_position[:, None] + jnp.arange(answer_length, dtype=jnp.int32)
+    group = rows // prompts
+    prompt_hidden, prompt_kv = model.hidden_states(
+        micro["prompt_ids"], micro["prompt_positions"], micro["prompt_mask"],
+        micro.get("vision"), keep_kv=True)
+    start = jnp.repeat(prompt_kv.next_position, group, axis=0)
+    positions = start[:, None] + jnp.arange(answer_length, dtype=jnp.int32)
     positions = jnp.broadcast_to(positions[None], (3, rows, answer_length))
     answer_hidden, _ = model.hidden_states(micro["answer_ids"], positions,
-                                           micro["response_mask"], None, cache)
+                                           micro["response_mask"], prefix=prompt_kv)
     # Answer token t is predicted by the hidden state before it: the prompt's last for t = 0.
-    before = jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], rows // prompts, axis=0),
+    before = jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], group, axis=0),
                               answer_hidden[:, :-1]], axis=1)
     scale = 1.0 / (temperature if temperature > 0 else 1.0)
 

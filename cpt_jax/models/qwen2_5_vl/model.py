@@ -18,7 +18,7 @@ from flax import nnx
 from .config import Qwen2_5_VLConfig
 from .layers import make_param, matmul_flat
 from .rope_index import get_rope_index
-from .text import GroupCache, KVCache, TextDecoder
+from .text import GroupCache, KVCache, PromptKV, TextDecoder
 from .vision import VisionInputs, VisionTower
 
 
@@ -64,15 +64,19 @@ class Qwen2_5_VL(nnx.Module):
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array,
                       attention_mask: jax.Array, vision: VisionInputs | None = None,
                       cache: KVCache | GroupCache | None = None,
-                      layers: list[nnx.Module] | None = None
-                      ) -> tuple[jax.Array, KVCache | GroupCache | None]:
+                      layers: list[nnx.Module] | None = None, *,
+                      prefix: PromptKV | None = None, keep_kv: bool = False
+                      ) -> tuple[jax.Array, KVCache | GroupCache | PromptKV | None]:
         """`forward` without the language-model head: the final-normed hidden states
         [b, s, hidden]. Callers that need a few positions' logits (a prefill needs the last)
-        apply `logits` to those, instead of materialising [b, s, vocab] in float32."""
+        apply `logits` to those, instead of materialising [b, s, vocab] in float32.
+        `prefix` and `keep_kv`: a group's answers after their prompt without a cache
+        (`TextDecoder`)."""
         embeds = self.language_model.embed(input_ids)
         if vision is not None:
             embeds = self._insert_vision_features(input_ids, embeds, self.visual(vision))
-        return self.language_model(embeds, positions, attention_mask, cache, layers)
+        return self.language_model(embeds, positions, attention_mask, cache, layers,
+                                   prefix=prefix, keep_kv=keep_kv)
 
     def decoder_layers(self) -> list[nnx.Module] | None:
         """The text layers split out of their stacks once, for a decode loop to pass to every

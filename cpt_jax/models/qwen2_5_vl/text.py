@@ -30,6 +30,7 @@ from .layers import (
 ACTIVATION_AXES = ("batch", None, None)
 CACHE_AXES = (None, "batch", None, "kv_heads", None)
 LAYER_CACHE_AXES = ("batch", "kv_heads", None, None)
+LAYER_KV_AXES = CACHE_AXES[1:]  # one layer's keys or values [b, s, kv_heads, head_dim]
 
 
 class KVCache(NamedTuple):
@@ -112,6 +113,32 @@ class GroupCache(NamedTuple):
         return GroupCache(self.prompt.logical_axes(), self.answers.logical_axes())
 
 
+class PromptKV(NamedTuple):
+    """The keys and values of prompts from an uncached pass (`TextDecoder(..., keep_kv=True)`),
+    for a pass of their answers to attend over (`prefix=`) as `GroupCache` lets a decode step:
+    k, v [layers, prompts, len, kv_heads, head_dim] (rotated), valid [prompts, len] (True =
+    a real token), next_position [prompts] (the M-RoPE position after the prompt).
+
+    Made for the training passes of GRPO: the answers' pass takes layer l's slices as layer
+    l's scan input. A cache carried through the layer scan instead is saved once per layer for
+    the gradient, the layer count times its size (5 GiB per chip for the 3B model's 4,096-token
+    prompt, the most of its GRPO update's growth)."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    next_position: jax.Array
+
+
+class SharedPrefix(NamedTuple):
+    """One layer's part of a `PromptKV`: what that layer's answer queries attend over besides
+    their own keys (`shared_prefix_attention`)."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+
+
 class CacheSlot(NamedTuple):
     """The cache as it passes through one layer, and where that layer writes: the whole
     stacked cache and the layer's index in it (scanned), or the layer's own arrays (`layer`
@@ -162,7 +189,12 @@ class Attention(nnx.Module):
                             out_axes=("embed",), use_bias=False, **kw)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 slot: CacheSlot | None) -> tuple[jax.Array, CacheSlot | None]:
+                 slot: CacheSlot | None, prefix: SharedPrefix | None = None
+                 ) -> tuple[jax.Array, CacheSlot | tuple[jax.Array, jax.Array]]:
+        """Returns the output and the updated `slot`, or without one this pass's own keys and
+        values [b, s, kv_heads, head_dim]. Without a slot, the queries attend over their own
+        keys and, with a `prefix`, over their prompt's (rows prompt-major, as in
+        `GroupCache`)."""
         q = apply_rotary(self.q_proj(x), cos, sin)
         k = apply_rotary(self.k_proj(x), cos, sin)
         v = self.v_proj(x)
@@ -181,7 +213,10 @@ class Attention(nnx.Module):
             slot = slot._replace(k=all_k, v=all_v)
             return self.o_proj(_cached_attention(q, all_k[slot.layer], all_v[slot.layer], mask,
                                                  slot.prompt, slot.layer)), slot
-        return self.o_proj(chunked_attention(q, k, v, mask)), slot
+        if prefix is not None:
+            return self.o_proj(shared_prefix_attention(q, k, v, mask, prefix.k, prefix.v,
+                                                       prefix.valid)), (k, v)
+        return self.o_proj(chunked_attention(q, k, v, mask)), (k, v)
 
 
 def _cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -210,8 +245,9 @@ class DecoderLayer(nnx.Module):
                           use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 slot: CacheSlot | None) -> tuple[jax.Array, CacheSlot | None]:
-        attn, slot = self.self_attn(self.input_layernorm(x), cos, sin, mask, slot)
+                 slot: CacheSlot | None, prefix: SharedPrefix | None = None
+                 ) -> tuple[jax.Array, CacheSlot | tuple[jax.Array, jax.Array]]:
+        attn, slot = self.self_attn(self.input_layernorm(x), cos, sin, mask, slot, prefix)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), slot
 
@@ -249,8 +285,9 @@ class TextDecoder(nnx.Module):
 
     def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
                  cache: KVCache | GroupCache | None = None,
-                 layers: list[DecoderLayer] | None = None
-                 ) -> tuple[jax.Array, KVCache | GroupCache | None]:
+                 layers: list[DecoderLayer] | None = None, *, prefix: PromptKV | None = None,
+                 keep_kv: bool = False
+                 ) -> tuple[jax.Array, KVCache | GroupCache | PromptKV | None]:
         """embeds [b, s, hidden], positions [3, b, s], attention_mask [b, s] (True = real token).
 
         Without a cache, attention is causal over this sequence. With one, this sequence's keys
@@ -260,6 +297,11 @@ class TextDecoder(nnx.Module):
         they are written to the answers' part, and the queries also see their prompt's whole
         valid part. Returns the final-normed hidden states
         [b, s, hidden] and the updated cache.
+
+        Without a cache, `keep_kv` returns this pass's keys and values as a `PromptKV` in the
+        cache's place, and `prefix` (a `PromptKV` of this batch's prompts, rows prompt-major)
+        lets the queries also see their prompt's: a group's answers after their prompt, as
+        with a `GroupCache`, with nothing carried through the layers (the training passes).
         """
         seq = embeds.shape[1]
         embeds = constrain(embeds, ACTIVATION_AXES)
@@ -269,11 +311,20 @@ class TextDecoder(nnx.Module):
             causal = jnp.tril(jnp.ones((seq, seq), bool))
             mask = causal[None] & attention_mask[:, None, :]
 
-            def step(layer, x, _):
-                return constrain(layer(x, cos, sin, mask, None)[0], ACTIVATION_AXES), None
+            def step(layer, x, prefix_kv):
+                shared = None if prefix is None else SharedPrefix(*prefix_kv, prefix.valid)
+                x, (k, v) = layer(x, cos, sin, mask, None, shared)
+                kv = ((constrain(k, LAYER_KV_AXES), constrain(v, LAYER_KV_AXES)) if keep_kv
+                      else None)
+                return constrain(x, ACTIVATION_AXES), kv
 
-            x, _ = scan_layers(self.layers, step, embeds, remat=self.remat, scan=self.scan)
-            return self.norm(x), None
+            x, kv = scan_layers(self.layers, step, embeds,
+                                None if prefix is None else (prefix.k, prefix.v),
+                                remat=self.remat, scan=self.scan)
+            if not keep_kv:
+                return self.norm(x), None
+            return self.norm(x), PromptKV(*kv, attention_mask,
+                                          _next_position(positions, attention_mask))
 
         group = cache if isinstance(cache, GroupCache) else None
         prompt, cache = (group.prompt, group.answers) if group else (None, cache)
@@ -304,8 +355,14 @@ class TextDecoder(nnx.Module):
             layer_indices = jnp.arange(self.config.num_hidden_layers)
             (x, k, v), _ = scan_layers(self.layers, cached_step, (embeds, cache.k, cache.v),
                                        layer_indices, remat=self.remat)
-        last = jnp.max(jnp.where(attention_mask, positions.max(axis=0), -1), axis=-1)
-        cache = KVCache(k, v, valid, index + seq, jnp.maximum(last + 1, cache.next_position))
+        cache = KVCache(k, v, valid, index + seq,
+                        jnp.maximum(_next_position(positions, attention_mask),
+                                    cache.next_position))
         if group:
             cache = GroupCache(prompt, cache)
         return self.norm(x), cache
+
+
+def _next_position(positions: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """[b]: the M-RoPE position after each row's last real token (0 for a row with none)."""
+    return jnp.max(jnp.where(attention_mask, positions.max(axis=0), -1), axis=-1) + 1
