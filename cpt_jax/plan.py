@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -62,7 +63,12 @@ from cpt_jax.models.qwen2_5_vl import (  # noqa: E402
 )
 from cpt_jax.optim import make_optimizer  # noqa: E402
 from cpt_jax.rl.groups import Group, shared_prefix_batch  # noqa: E402
-from cpt_jax.rl.grpo import MODEL_INPUTS, logprob_program, make_grpo_update  # noqa: E402
+from cpt_jax.rl.grpo import (  # noqa: E402
+    MODEL_INPUTS,
+    GRPOConfig,
+    logprob_program,
+    make_grpo_update,
+)
 from cpt_jax.rl.sampler import Prompts, prepare_prompts, sampler_program  # noqa: E402
 from cpt_jax.sft import TrainState, make_sft_step, stack_micro_batches  # noqa: E402
 from cpt_jax.sharding import (  # noqa: E402
@@ -180,6 +186,12 @@ class Planner:
         self.grid = image_grid(config.data.max_pixels)
         self.image_tokens = int(np.prod(self.grid)) // self.arch.vision.merge_unit
 
+    @functools.cached_property
+    def grpo(self) -> GRPOConfig:
+        """The GRPO settings of the config's `grpo` section (checked when first asked for: an
+        SFT-only config never builds them)."""
+        return grpo_config(self.config.grpo)
+
     # -- inputs ---------------------------------------------------------------------------
 
     def _row_ids(self, length: int, image_at: int) -> np.ndarray:
@@ -237,7 +249,7 @@ class Planner:
                                     rows_per_micro_batch=rows, min_patches=grpo.min_patches)
         batch.pop("sampler_logprobs")
         batch["advantages"] = np.zeros(batch["answer_ids"].shape[:2], np.float32)
-        wanted = (["old_logprobs"] * (not grpo_config(grpo).on_policy)
+        wanted = (["old_logprobs"] * (not self.grpo.on_policy)
                   + ["ref_logprobs"] * (grpo.kl_coef > 0))
         for key in wanted:
             batch[key] = np.zeros(batch["answer_ids"].shape, np.float32)
@@ -291,7 +303,7 @@ class Planner:
                               micro_batches=config.sft.micro_batches),
                 (self.train_state(self.optimizer("sft")), self.sft_batch()))
         if "grpo" in algorithms:
-            grpo = grpo_config(config.grpo)
+            grpo = self.grpo
             states = (self.params, self.rest)
             found["rollout"] = lambda: (
                 sampler_program(self.model, grpo.sampling, stop_ids=[0], pad_id=0),
@@ -375,7 +387,7 @@ class Planner:
                       + answers * grpo.max_new_tokens * 2 * n_text
                       + answers * 4 * text.num_hidden_layers * text.hidden_size
                       * grpo.max_new_tokens * length)
-            old = not grpo_config(grpo).on_policy  # else the update's own log-probs serve
+            old = not self.grpo.on_policy  # else the update's own log-probs serve
             # Sampling, the old and reference log-probs, and forward + backward per epoch.
             found["grpo"] = (1 + old + (grpo.kl_coef > 0) + 3 * grpo.ppo_epochs) * scored
         return found
