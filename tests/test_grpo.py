@@ -11,6 +11,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -146,6 +147,40 @@ def test_shared_prefix_logprobs_and_gradients_equal_the_repeated_prompt_forward(
     assert _largest_difference(grad_a, grad_b) <= 1e-4 * scale
 
 
+def test_the_update_gradient_equals_autodiff_of_the_summed_loss(data_dir, tokenizer):
+    """The update differentiates the answers' pass, adds that gradient to the sum, and only
+    then the prompts' pass (so one parameter-sized gradient is alive beside the sum, not two):
+    with SGD its step over the rate is minus jax.grad of the micro-batches' mean loss, taken
+    through the whole loss at once. Two micro-batches, old log-probs off the current policy."""
+    model, trainer, state = _trainer(tokenizer)
+    groups = trainer.rollout_groups((state.params, state.rest),
+                                    next(_prompt_batches(data_dir, tokenizer)), jax.random.key(1))
+    batch = shared_prefix_batch(groups, model, prompt_length=384, rows_per_micro_batch=4,
+                                min_patches=256, pad_id=CONFIG.pad_token_id)
+    batch.pop("sampler_logprobs")
+    rng = np.random.default_rng(0)
+    shape = batch["answer_ids"].shape
+    batch["advantages"] = rng.standard_normal(shape[:2]).astype(np.float32)
+    batch["old_logprobs"] = -rng.uniform(0.5, 3.0, shape).astype(np.float32)
+    batch["ref_logprobs"] = -rng.uniform(0.5, 3.0, shape).astype(np.float32)
+    batch = trainer.place(batch)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    before = jax.tree.map(np.array, params)
+
+    def mean_loss(params):
+        model = nnx.merge(graphdef, params, rest)
+        return jax.lax.map(lambda micro: grpo.grpo_loss(model, micro, GRPO)[0], batch).mean()
+
+    expected = jax.jit(jax.grad(mean_loss))(params)
+    rate = 1e3  # steps far above the parameters' float32 rounding
+    sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=rate)  # the metrics read the rate
+    after, _ = grpo.make_grpo_update(model, sgd, GRPO)(TrainState.create(model, sgd), batch)
+    step = jax.tree.map(lambda b, a: (b - np.asarray(a)) / rate, before, after.params)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(expected))
+    assert scale > 0
+    assert _largest_difference(step, expected) <= 1e-5 * scale
+
+
 def _rigged_scores(texts, answers):
     """Even answers: every reply scores 0 (a zero-variance group); odd: 1, 0, 1, 0."""
     if int(answers[0]) % 2 == 0:
@@ -255,20 +290,20 @@ def test_filter_fills_with_dropped_groups_when_the_budget_runs_out(data_dir, tok
 def test_steps_compile_once(data_dir, tokenizer, monkeypatch):
     """Three steps on new prompts: the log-prob program and the update trace once each."""
     traces: list[int] = []
-    shared_prefix_logprobs = grpo.shared_prefix_logprobs
+    prompt_pass = grpo.prompt_pass
 
     def counted(*args):
         traces.append(1)
-        return shared_prefix_logprobs(*args)
+        return prompt_pass(*args)
 
-    monkeypatch.setattr(grpo, "shared_prefix_logprobs", counted)
+    monkeypatch.setattr(grpo, "prompt_pass", counted)
     _, trainer, state = _trainer(tokenizer)
     batches = _prompt_batches(data_dir, tokenizer)
     rewards = []
     for step in range(3):
         state, metrics, _ = trainer.step(state, batches, jax.random.key(step))
         rewards.append(metrics["reward/mean"])
-    assert len(traces) == 2  # the reference's log-probs, the update's loss
+    assert len(traces) == 2  # the reference's log-probs, the update's prompts
     assert int(state.step) == 3
 
 
