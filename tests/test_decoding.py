@@ -95,25 +95,39 @@ def test_an_unrolled_model_decodes_with_one_cache_array_per_layer(scanned_and_un
 def test_shared_prefix_attention_equals_attention_over_each_rows_copy(heads_major, q_len):
     """One softmax over the prompt's keys (held once per group) and the row's own equals
     attention over the prompt's keys copied into every row, masks included: left padding in
-    the prompt, unwritten answer slots, a row whose own slots are all hidden."""
+    the prompt, unwritten answer slots, a row whose own slots are all hidden. So do the
+    gradients (its hand-written one against autodiff through the copies)."""
     prompts, n, heads, kv_heads, head_dim, prefix_len, own_len = 2, 3, 4, 2, 8, 7, 5
     rows = prompts * n
-    keys = jax.random.split(jax.random.key(3), 5)
+    keys = jax.random.split(jax.random.key(3), 6)
     q = jax.random.normal(keys[0], (rows, q_len, heads, head_dim))
     prefix_k, prefix_v = (jax.random.normal(key, (prompts, prefix_len, kv_heads, head_dim))
                           for key in keys[1:3])
-    k, v = (jax.random.normal(key, (rows, own_len, kv_heads, head_dim)) for key in keys[3:])
+    k, v = (jax.random.normal(key, (rows, own_len, kv_heads, head_dim)) for key in keys[3:5])
+    weights = jax.random.normal(keys[5], (rows, q_len, heads, head_dim))
     prefix_mask = jnp.arange(prefix_len)[None, :] >= jnp.asarray([[0], [3]])  # left padding
     mask = jax.random.bernoulli(jax.random.key(4), 0.6, (rows, q_len, own_len)).at[1].set(False)
-    copies = jnp.repeat(prefix_k, n, axis=0), jnp.repeat(prefix_v, n, axis=0)
     full_mask = jnp.concatenate([jnp.broadcast_to(jnp.repeat(prefix_mask, n, axis=0)[:, None],
                                                   (rows, q_len, prefix_len)), mask], axis=-1)
-    expected = dot_product_attention(q, jnp.concatenate([copies[0], k], axis=1),
+
+    def copied(q, k, v, prefix_k, prefix_v):
+        copies = jnp.repeat(prefix_k, n, axis=0), jnp.repeat(prefix_v, n, axis=0)
+        return dot_product_attention(q, jnp.concatenate([copies[0], k], axis=1),
                                      jnp.concatenate([copies[1], v], axis=1), full_mask)
-    if heads_major:
-        prefix_k, prefix_v, k, v = (jnp.swapaxes(x, 1, 2) for x in (prefix_k, prefix_v, k, v))
-    got = shared_prefix_attention(q, k, v, mask, prefix_k, prefix_v, prefix_mask, heads_major)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-6)
+
+    def shared(q, k, v, prefix_k, prefix_v):
+        if heads_major:
+            prefix_k, prefix_v, k, v = (jnp.swapaxes(x, 1, 2) for x in (prefix_k, prefix_v, k, v))
+        return shared_prefix_attention(q, k, v, mask, prefix_k, prefix_v, prefix_mask,
+                                       heads_major)
+
+    inputs = (q, k, v, prefix_k, prefix_v)
+    np.testing.assert_allclose(np.asarray(shared(*inputs)), np.asarray(copied(*inputs)),
+                               atol=1e-6)
+    grads = [jax.grad(lambda *x, f=f: jnp.sum(f(*x) * weights), argnums=(0, 1, 2, 3, 4))(*inputs)
+             for f in (copied, shared)]
+    for expected, got in zip(*grads, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["scanned", "unrolled"])
