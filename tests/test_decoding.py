@@ -96,7 +96,8 @@ def test_shared_prefix_attention_equals_attention_over_each_rows_copy(heads_majo
     """One softmax over the prompt's keys (held once per group) and the row's own equals
     attention over the prompt's keys copied into every row, masks included: left padding in
     the prompt, unwritten answer slots, a row whose own slots are all hidden. So do the
-    gradients (its hand-written one against autodiff through the copies)."""
+    gradients (autodiff through the shared form against `dot_product_attention`'s own
+    gradient through the copies)."""
     prompts, n, heads, kv_heads, head_dim, prefix_len, own_len = 2, 3, 4, 2, 8, 7, 5
     rows = prompts * n
     keys = jax.random.split(jax.random.key(3), 6)
