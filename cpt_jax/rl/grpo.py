@@ -7,14 +7,16 @@ One step consumes one rollout batch of `prompts_per_step` prompts x `group_size`
    dropped and later prompt batches are sampled to fill the step (DAPO's dynamic sampling);
 3. GRPO (or RLOO) advantages per group; the training batch is padded to static shapes, each
    prompt and its images held once per group (`groups.shared_prefix_batch`): the forwards
-   below run a prompt once and its answers against its cache, not the prompt once per answer;
+   below run a prompt once and its answers against its keys and values (`PromptKV`), not the
+   prompt once per answer;
 4. the log-probs of the answers under the policy before the update ("old") and under the
    reference model, one jitted forward each; with one update per rollout (`on_policy`) the
    old log-probs are the update's own, held constant, and that forward is skipped (TRL does
    the same with one iteration);
 5. `ppo_epochs` passes over `mini_batches` optimizer updates, each accumulating gradients over
    micro-batches with `lax.scan`: loss = policy loss + kl_coef x KL, both token means over the
-   micro-batch, divided by the number of micro-batches (EasyR1).
+   micro-batch, divided by the number of micro-batches (EasyR1); the answers' pass is
+   differentiated and summed before the prompts' pass.
 """
 
 from __future__ import annotations
