@@ -70,7 +70,12 @@ from cpt_jax.rl.grpo import (  # noqa: E402
     make_grpo_update,
 )
 from cpt_jax.rl.sampler import Prompts, prepare_prompts, sampler_program  # noqa: E402
-from cpt_jax.sft import TrainState, make_sft_step, stack_micro_batches  # noqa: E402
+from cpt_jax.sft import (  # noqa: E402
+    TrainState,
+    make_sft_step,
+    make_sft_steps,
+    stack_micro_batches,
+)
 from cpt_jax.sharding import (  # noqa: E402
     batch_shardings,
     logical_spec,
@@ -157,9 +162,10 @@ def _abstract(tree: Any, shardings: Any) -> Any:
                         if is_var(v) else one(v, s), tree, shardings, is_leaf=is_var)
 
 
-def _stacked(batch: dict[str, Any], shardings: dict[str, Any], micro_batches: int) -> Any:
-    """One concrete micro-batch [1, ...] described as `micro_batches` of them."""
-    return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct((micro_batches, *np.shape(v)[1:]),
+def _stacked(batch: dict[str, Any], shardings: dict[str, Any], *leading: int) -> Any:
+    """One concrete micro-batch [1, ...] described as arrays [*leading, ...] (micro-batches;
+    steps and micro-batches)."""
+    return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct((*leading, *np.shape(v)[1:]),
                                                           np.asarray(v).dtype, sharding=s),
                         batch, shardings)
 
@@ -222,7 +228,11 @@ class Planner:
             "image_grid_thw": np.asarray([self.grid] * rows, np.int64),
             "num_patches": np.asarray(rows * patches)}
         stacked = stack_micro_batches([batch], self.model)
-        return _stacked(stacked, batch_shardings(stacked, self.mesh), sft.micro_batches)
+        if sft.steps_per_call == 1:
+            return _stacked(stacked, batch_shardings(stacked, self.mesh), sft.micro_batches)
+        shardings = batch_shardings(jax.tree.map(lambda v: v[None], stacked), self.mesh,
+                                    steps_axis=True)
+        return _stacked(stacked, shardings, sft.steps_per_call, sft.micro_batches)
 
     def prompt_length(self) -> int:
         length = max(self.config.data.length_buckets)
@@ -298,9 +308,14 @@ class Planner:
         algorithms = run_algorithms(config)
         found: dict[str, Callable[[], tuple[Any, tuple[Any, ...]]]] = {}
         if "sft" in algorithms:
+            # With several steps per call, the call of that many (the larger program).
             found["sft_step"] = lambda: (
                 make_sft_step(self.model, self.optimizer("sft"),
-                              micro_batches=config.sft.micro_batches),
+                              micro_batches=config.sft.micro_batches)
+                if config.sft.steps_per_call == 1 else
+                make_sft_steps(self.model, self.optimizer("sft"),
+                               micro_batches=config.sft.micro_batches,
+                               steps=config.sft.steps_per_call),
                 (self.train_state(self.optimizer("sft")), self.sft_batch()))
         if "grpo" in algorithms:
             grpo = self.grpo

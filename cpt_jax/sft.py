@@ -9,7 +9,9 @@ over-weight micro-batches with few response tokens).
 One step is one `jax.jit` over (state, batch) with the state donated: the micro-batches are
 stacked on a leading axis and scanned with `lax.scan`, so the step compiles once per bucket
 shape (token length, patch count), never per batch. Only the `nnx.Param` variables are
-trained; the model is merged from the split state inside the trace.
+trained; the model is merged from the split state inside the trace. `make_sft_steps` scans
+several such updates in one call (Keras' `steps_per_execution`), which pays a call's fixed
+costs once for all of them.
 """
 
 from __future__ import annotations
@@ -129,10 +131,10 @@ def sft_loss(model: Qwen2_5_VL, batch: Batch) -> tuple[jax.Array, dict[str, jax.
     return metrics["loss"], metrics
 
 
-def make_sft_step(model: nnx.Module, optimizer: optax.GradientTransformation, *,
-                  micro_batches: int) -> Callable[[TrainState, Batch],
-                                                  tuple[TrainState, dict[str, jax.Array]]]:
-    """`step(state, batch) -> (state, metrics)`, jitted with the state donated.
+def sft_update(model: nnx.Module, optimizer: optax.GradientTransformation, *,
+               micro_batches: int) -> Callable[[TrainState, Batch],
+                                               tuple[TrainState, dict[str, jax.Array]]]:
+    """`update(state, batch) -> (state, metrics)`: one optimiser update, not jitted.
 
     `batch` is `stack_micro_batches`' output: every array has a leading axis of
     `micro_batches`. Gradients accumulate in float32; metrics: loss, accuracy, tokens (of the
@@ -149,7 +151,7 @@ def make_sft_step(model: nnx.Module, optimizer: optax.GradientTransformation, *,
         (_, sums), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
         return sums, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def update(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         leading = {x.shape[0] for x in jax.tree.leaves(batch)}
         if leading != {micro_batches}:
             raise ValueError(f"batch arrays have leading axes {sorted(leading)}, expected "
@@ -174,20 +176,57 @@ def make_sft_step(model: nnx.Module, optimizer: optax.GradientTransformation, *,
                    "learning_rate": current_learning_rate(opt_state)}
         return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return update
 
 
-def stack_micro_batches(batches: Sequence[dict[str, np.ndarray]],
-                        model: Qwen2_5_VL) -> Batch:
+def make_sft_step(model: nnx.Module, optimizer: optax.GradientTransformation, *,
+                  micro_batches: int) -> Callable[[TrainState, Batch],
+                                                  tuple[TrainState, dict[str, jax.Array]]]:
+    """`step(state, batch) -> (state, metrics)`: `sft_update` jitted with the state donated."""
+    return jax.jit(sft_update(model, optimizer, micro_batches=micro_batches), donate_argnums=0)
+
+
+def make_sft_steps(model: nnx.Module, optimizer: optax.GradientTransformation, *,
+                   micro_batches: int, steps: int) -> Callable[
+                       [TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """`steps(state, batches) -> (state, metrics)`: `steps` updates in one jitted call, the
+    state donated, each update's batch from `stack_micro_batches(..., steps=steps)` (arrays
+    [steps, micro_batches, ...]) and each metric stacked [steps].
+
+    The same updates as `steps` calls of `make_sft_step`, for fewer calls. On the CPU, XLA's
+    runtime maps each call's temporaries afresh and unmaps them at its end (close to 1 GB for
+    the `small` model's step): the page faults and the unmapping then cost 13-20 % of a
+    step, which a call of several steps pays once.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    update = sft_update(model, optimizer, micro_batches=micro_batches)
+
+    def run(state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        leading = {x.shape[0] for x in jax.tree.leaves(batches)}
+        if leading != {steps}:
+            raise ValueError(f"batch arrays have leading axes {sorted(leading)}, expected "
+                             f"{steps} steps (use stack_micro_batches(..., steps={steps}))")
+        return jax.lax.scan(update, state, batches)
+
+    return jax.jit(run, donate_argnums=0)
+
+
+def stack_micro_batches(batches: Sequence[dict[str, np.ndarray]], model: Qwen2_5_VL, *,
+                        steps: int = 1) -> Batch:
     """Pipeline SFT batches (one per micro-batch, same number of rows) -> the step's input.
 
     Each is padded on the right (SFT rows are right-padded) to the longest token bucket among
     them and its patches to the largest patch bucket, so that all stack; positions and the
     vision layout come from `model.prepare_inputs`. A text-only batch among image batches gets
-    a blank 2x2-patch image that no token reads. Returns NumPy arrays (host memory).
+    a blank 2x2-patch image that no token reads. Returns NumPy arrays (host memory), stacked
+    [micro_batches, ...]; with `steps` > 1 the batches are `steps` updates' micro-batches in
+    order, stacked [steps, micro_batches, ...] for `make_sft_steps`.
     """
     if not batches:
         raise ValueError("stack_micro_batches needs at least one batch")
+    if steps < 1 or len(batches) % steps:
+        raise ValueError(f"{len(batches)} batches do not split into {steps} steps")
     rows = {b["input_ids"].shape[0] for b in batches}
     if len(rows) != 1:
         raise ValueError(f"micro-batches must have the same number of rows, got {sorted(rows)}")
@@ -198,7 +237,10 @@ def stack_micro_batches(batches: Sequence[dict[str, np.ndarray]],
     windows = loss_windows(np.concatenate([p["loss_mask"] for p in prepared]))
     for p, rows in zip(prepared, np.split(windows, len(prepared)), strict=True):
         p["loss_positions"] = rows
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *prepared)
+    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *prepared)
+    if steps == 1:
+        return stacked
+    return jax.tree.map(lambda x: x.reshape(steps, -1, *x.shape[1:]), stacked)
 
 
 MIN_LOSS_WINDOW = 32

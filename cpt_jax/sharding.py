@@ -122,11 +122,13 @@ BATCH_AXIS = {"input_ids": 1, "attention_mask": 1, "loss_mask": 1, "loss_positio
               "answer_ids": 1}
 
 
-def batch_shardings(batch: dict, mesh: Mesh) -> dict:
+def batch_shardings(batch: dict, mesh: Mesh, *, steps_axis: bool = False) -> dict:
     """The NamedSharding of each array of a stacked step batch: rows split over data x fsdp
     (where they divide), the packed image patches split over the same devices by patch (they
     do not align with the rows; the vision tower works on them spread the same way), the rest
-    (the patches' layout) replicated."""
+    (the patches' layout) replicated. `steps_axis`: the arrays have one more leading axis,
+    the updates of a `make_sft_steps` call."""
+    shift = int(steps_axis)
 
     def sharding(key: str, value) -> NamedSharding:
         if key == "pixel_values":  # [..., patches, patch_dim]: patches over the devices
@@ -136,7 +138,7 @@ def batch_shardings(batch: dict, mesh: Mesh) -> dict:
         if key not in BATCH_AXIS:
             return NamedSharding(mesh, PartitionSpec())
         axes = [None] * np.ndim(value)
-        axes[BATCH_AXIS[key]] = "batch"
+        axes[BATCH_AXIS[key] + shift] = "batch"
         return NamedSharding(mesh, logical_spec(axes, np.shape(value), mesh))
 
     def place(key: str, value):
@@ -148,9 +150,9 @@ def batch_shardings(batch: dict, mesh: Mesh) -> dict:
     return {key: place(key, value) for key, value in batch.items()}
 
 
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
+def shard_batch(batch: dict, mesh: Mesh, *, steps_axis: bool = False) -> dict:
     """A stacked step batch placed on the mesh by `batch_shardings`."""
-    return jax.device_put(batch, batch_shardings(batch, mesh))
+    return jax.device_put(batch, batch_shardings(batch, mesh, steps_axis=steps_axis))
 
 
 def to_host(array: Any) -> np.ndarray:

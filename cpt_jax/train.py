@@ -61,7 +61,7 @@ from cpt_jax.rl.grpo import GRPOTrainer
 from cpt_jax.rl.rif import PassCounts, count_passes, select
 from cpt_jax.rl.sampler import SamplingConfig, turn_stop_ids
 from cpt_jax.run_dir import RunDir, StagingError
-from cpt_jax.sft import TrainState, make_sft_step, stack_micro_batches
+from cpt_jax.sft import TrainState, make_sft_step, make_sft_steps, stack_micro_batches
 from cpt_jax.sharding import make_mesh, shard_batch, shard_state
 
 TOKENIZER_DIR = "tokenizer"
@@ -275,26 +275,36 @@ class ContinualRun:
             state = state.replace(**self._restored)
         key = jax.random.fold_in(jax.random.key(self.config.seed), stage.index)
         batches, step_fn = self._stepper(stage, source, total, self._reference(stage))
+        per_call = self.config.sft.steps_per_call if stage.algorithm == "sft" else 1
         if progress.iterator is not None:
             batches.set_state(progress.iterator)
         else:
             self._save(state, batches)
         bar = tqdm(total=progress.stage_steps, initial=progress.stage_step, disable=not self.leader,
                    desc=f"stage {stage.index}/{len(self.stages)} {stage.name} {stage.algorithm}")
+        every = self.config.checkpoint.every
         while progress.stage_step < progress.stage_steps:
+            # A call of several steps ends at the next checkpoint or the stage's end, never
+            # past it: those steps that do not fill a call run one at a time.
+            ahead = min(progress.stage_steps - progress.stage_step,
+                        every - progress.stage_step % every)
+            count = per_call if ahead >= per_call else 1
             started = time.perf_counter()
-            state, metrics = step_fn(state, batches, jax.random.fold_in(key, progress.stage_step))
-            progress.stage_step += 1
-            record = {"stage": stage.index, "task": stage.name, "algorithm": stage.algorithm,
-                      "step": progress.stage_step, "global_step": progress.global_step,
-                      **{k: float(v) for k, v in metrics.items()},
-                      "seconds": time.perf_counter() - started}
-            self.log.write(record)
-            bar.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "reward/mean")
-                             if k in record})
-            bar.update()
+            state, metrics = step_fn(state, batches, jax.random.fold_in(key, progress.stage_step),
+                                     count)
+            seconds = (time.perf_counter() - started) / count
+            for step_metrics in metrics:
+                progress.stage_step += 1
+                record = {"stage": stage.index, "task": stage.name,
+                          "algorithm": stage.algorithm, "step": progress.stage_step,
+                          "global_step": progress.global_step,
+                          **{k: float(v) for k, v in step_metrics.items()}, "seconds": seconds}
+                self.log.write(record)
+                bar.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "reward/mean")
+                                 if k in record})
+                bar.update()
             done = progress.stage_step == progress.stage_steps
-            if not done and progress.stage_step % self.config.checkpoint.every == 0:
+            if not done and progress.stage_step % every == 0:
                 self._save(state, batches)
         bar.close()
         self.params, self.rest = state.params, state.rest
@@ -307,7 +317,8 @@ class ContinualRun:
 
     def _stepper(self, stage: Stage, source: grain.MapDataset, total_steps: int,
                  reference: tuple[nnx.State, nnx.State] | None):
-        """The stage's data iterator and `step(state, batches, key) -> (state, metrics)`."""
+        """The stage's data iterator and `step(state, batches, key, count) -> (state, [metrics
+        of each step])`, which makes `count` updates (more than one only for SFT)."""
         config, seed = self.config, self.config.seed + stage.index
         task = stage.tasks[0]  # the template and reward are the same for every task
         program = self._program(stage, total_steps)
@@ -319,9 +330,16 @@ class ContinualRun:
                                        response_template=config.sft.response_template,
                                        **self.processes))
 
-            def step(state, batches, key):
-                stacked = stack_micro_batches([next(batches) for _ in range(micro)], self.model)
-                return program(state, shard_batch(stacked, self.mesh))
+            def step(state, batches, key, count):
+                parts = [next(batches) for _ in range(micro * count)]
+                if count == 1:
+                    state, metrics = program(state, shard_batch(
+                        stack_micro_batches(parts, self.model), self.mesh))
+                    return state, [metrics]
+                stacked = stack_micro_batches(parts, self.model, steps=count)
+                state, metrics = self._program(stage, total_steps, count)(
+                    state, shard_batch(stacked, self.mesh, steps_axis=True))
+                return state, [{k: v[i] for k, v in metrics.items()} for i in range(count)]
 
             return batches, step
         batches = iter(rl_dataset(source, task=task, tokenizer=self.tokenizer,
@@ -330,23 +348,26 @@ class ContinualRun:
         program.score_fn = reward_fn(task, config.data.cot)
         program.reference = reference
 
-        def step(state, batches, key):
+        def step(state, batches, key, count):
             state, metrics, _ = program.step(state, batches, key, task=stage.name)
-            return state, metrics
+            return state, [metrics]
 
         return batches, step
 
-    def _program(self, stage: Stage, total_steps: int) -> Any:
-        """The jitted SFT step or the GRPO trainer (sampler, log-probs, update) for a stage,
-        shared by the stages whose optimiser schedules are the same (compiled once)."""
+    def _program(self, stage: Stage, total_steps: int, steps: int = 1) -> Any:
+        """The jitted SFT step (`steps` > 1: that many updates per call) or the GRPO trainer
+        (sampler, log-probs, update) for a stage, shared by the stages whose optimiser
+        schedules are the same (compiled once)."""
         algorithm, optim = stage.algorithm, self._optim(stage)
         schedule_steps = (None if optim.schedule == "constant" and optim.warmup_ratio == 0
                           else total_steps)
-        cache_key = (algorithm, schedule_steps, optim.learning_rate)
+        cache_key = (algorithm, schedule_steps, optim.learning_rate, steps)
         if cache_key not in self._programs:
             optimizer = self._optimizer(stage, total_steps)
+            micro = self.config.sft.micro_batches
             self._programs[cache_key] = (
-                make_sft_step(self.model, optimizer, micro_batches=self.config.sft.micro_batches)
+                (make_sft_step(self.model, optimizer, micro_batches=micro) if steps == 1 else
+                 make_sft_steps(self.model, optimizer, micro_batches=micro, steps=steps))
                 if algorithm == "sft" else
                 GRPOTrainer(self.model, optimizer, grpo_config(self.config.grpo),
                             tokenizer=self.tokenizer,

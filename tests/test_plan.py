@@ -88,6 +88,25 @@ def test_cli_json_report_and_what_does_not_fit(capsys):
 
 
 @pytest.mark.tpu_compile
+def test_several_sft_steps_per_call_reuse_one_steps_memory():
+    """sft.steps_per_call on the small model, compiled for a v5e slice: a call of 2 or 8
+    updates holds one update's temporaries, not one set per update. Beyond their batches
+    (each step's input, and a slice of it in the temporaries), 8 steps take no more than 2;
+    the loop itself costs a fixed ~10 MB over a single step (a fifth of the sharded state)."""
+    overrides = ("model.preset=small", "model.path=null", "sft.batch_size=8",
+                 "sft.micro_batches=2", "data.length_buckets=[256]", "data.max_pixels=12544",
+                 "data.min_patches=64")
+    steps = {per_call: _plan("qwen2_5_vl_3b_sft.yaml", "v5e:2x2", 4, ["sft_step"],
+                             (*overrides, f"sft.steps_per_call={per_call}"))
+             ["programs"]["sft_step"] for per_call in (1, 2, 8)}
+    assert all(step["error"] is None for step in steps.values()), steps
+    batch = steps[1]["argument_bytes"] - steps[1]["output_bytes"]  # the state is donated
+    assert steps[8]["argument_bytes"] - steps[8]["output_bytes"] <= 8.1 * batch
+    assert steps[8]["peak_bytes"] - steps[2]["peak_bytes"] <= 2 * 6 * batch, steps
+    assert steps[2]["peak_bytes"] <= 1.25 * steps[1]["peak_bytes"], steps
+
+
+@pytest.mark.tpu_compile
 def test_grpo_programs_of_a_small_model_compile_for_a_v5e():
     """The paper's GRPO config on the small model: its log-prob forward over an update
     micro-batch (the batch the update takes too) and its decode step, compiled in CI's time;

@@ -60,6 +60,7 @@ def test_file_and_overrides_are_typed(path):
     ("mesh.fsdp=3", "mesh: 8 devices do not divide by 3"),
     ("mesh.tp=-1", "at most one -1"),
     ("sft.micro_batches=3", "sft.batch_size 8 is not divisible by sft.micro_batches 3"),
+    ("sft.steps_per_call=0", "sft.steps_per_call must be >= 1, got 0"),
     ("grpo.micro_batch_rows=32", "grpo.micro_batch_rows 32 does not divide a mini-batch of 16"),
     ("grpo.micro_batch_rows=6", "grpo.micro_batch_rows 6 must be a multiple or a divisor of "
                                 "group_size 4"),

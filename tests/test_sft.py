@@ -21,7 +21,13 @@ from cpt_jax.data.synthetic import SYNTHETIC_MAX_PIXELS, SYNTHETIC_MIN_PIXELS
 from cpt_jax.data.tokenizer import build_tokenizer, preset_special_tokens
 from cpt_jax.models.qwen2_5_vl import Qwen2_5_VL, preset
 from cpt_jax.optim import current_learning_rate, make_optimizer, make_schedule
-from cpt_jax.sft import TrainState, make_sft_step, sft_loss, stack_micro_batches
+from cpt_jax.sft import (
+    TrainState,
+    make_sft_step,
+    make_sft_steps,
+    sft_loss,
+    stack_micro_batches,
+)
 
 CONFIG = preset("tiny")
 OPTIONS = EncodeOptions(length_buckets=(32, 48), min_patches=64)
@@ -206,6 +212,64 @@ def test_new_batches_of_the_same_buckets_reuse_the_compiled_step(monkeypatch):
         losses.append(float(metrics["loss"]))
     assert len(traces) == 1
     assert int(state.step) == 4 and len(set(losses)) == 4
+
+
+def test_several_steps_per_call_equal_as_many_single_steps(monkeypatch):
+    """3 AdamW updates (warm-up + cosine: each update has its own rate) of 2 micro-batches in
+    one `make_sft_steps` call == 3 `make_sft_step` calls: the same parameters, optimiser
+    state and per-step metrics. The calls' batches span two length buckets and a text-only
+    micro-batch, which the call pads to one shape; a second call with new data reuses the
+    program."""
+    rng = np.random.default_rng(5)
+
+    def micro_batches(prompt: int) -> list[dict]:
+        return [_batch([_example(rng, 3, (1, 4, 4)), _example(rng, 5, None, prompt)]),
+                _batch([_example(rng, 6, None), _example(rng, 2, (1, 4, 6))])]
+
+    calls = [[micro_batches(p) for p in prompts] for prompts in ((6, 30, 12), (35, 4, 20))]
+    optimizer = make_optimizer(learning_rate=1e-2, total_steps=8, warmup_ratio=0.25)
+    single_model = _model()
+    single = TrainState.create(single_model, optimizer)
+    step = make_sft_step(single_model, optimizer, micro_batches=2)
+    single_metrics = []
+    for call in calls:
+        for parts in call:
+            single, metrics = step(single, stack_micro_batches(parts, single_model))
+            single_metrics.append(metrics)
+
+    traces: list[int] = []
+    token_sums = sft._token_sums
+
+    def counted(model, batch):
+        traces.append(1)  # once per trace of an update, never per call
+        return token_sums(model, batch)
+
+    monkeypatch.setattr(sft, "_token_sums", counted)
+    model = _model()
+    state = TrainState.create(model, optimizer)
+    steps = make_sft_steps(model, optimizer, micro_batches=2, steps=3)
+    stacked_metrics = []
+    for call in calls:
+        inputs = stack_micro_batches([b for parts in call for b in parts], model, steps=3)
+        assert inputs["input_ids"].shape[:2] == (3, 2)
+        state, metrics = steps(state, inputs)
+        stacked_metrics += [{k: v[i] for k, v in metrics.items()} for i in range(3)]
+    assert len(traces) == 1
+    assert int(state.step) == int(single.step) == 6
+
+    for got, want in zip(stacked_metrics, single_metrics, strict=True):
+        assert float(got["tokens"]) == float(want["tokens"])
+        for key in ("loss", "accuracy", "grad_norm", "learning_rate"):
+            np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-5, err_msg=key)
+    rates = [float(m["learning_rate"]) for m in single_metrics]
+    assert len(set(rates)) == 6  # the schedule moved at every update
+    for got, want in zip(jax.tree.leaves((state.params, state.opt_state)),
+                         jax.tree.leaves((single.params, single.opt_state)), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5 * (1 + np.abs(want).max()))
+    with pytest.raises(ValueError, match="expected 3 steps"):
+        steps(state, stack_micro_batches(calls[0][0], model))
+    with pytest.raises(ValueError, match="do not split into 3 steps"):
+        stack_micro_batches(calls[0][0], model, steps=3)
 
 
 def test_schedule_warms_up_linearly_then_follows_the_cosine():

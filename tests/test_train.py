@@ -94,6 +94,40 @@ def test_sft_run_writes_everything_and_exports(synthetic_benchmark, tmp_path):
         assert np.isfinite(hf(input_ids=ids).logits.numpy()).all()
 
 
+def test_several_sft_steps_per_call_train_as_single_steps(synthetic_benchmark, tmp_path):
+    """sft.steps_per_call=2 with a checkpoint every 3 steps of 4: each stage's steps 1-2 run
+    in one call, 3 and 4 alone (a call stops at the checkpoint and at the stage's end). The
+    log, the checkpoints and the trained parameters match a run of single steps."""
+    runs = {}
+    for per_call in (1, 2):
+        out = tmp_path / f"per_call_{per_call}"
+        assert train.main(["--config", str(ROOT / "configs/tiny_cpt.yaml"),
+                           *_overrides(synthetic_benchmark, out, "checkpoint.every=3",
+                                       "eval.examples=4", f"sft.steps_per_call={per_call}")]) == 0
+        records = [r for r in read_metrics(out) if r.get("event") is None]
+        checkpoints = Checkpoints(out)
+        try:  # where each kept rolling checkpoint was taken
+            saves = [(meta["progress"]["stage"], meta["progress"]["stage_step"])
+                     for meta in map(checkpoints.meta, checkpoints.rolling.all_steps())]
+        finally:
+            checkpoints.close()
+        runs[per_call] = records, saves, stage_params(out, 2, out / "config.yaml")
+    (single, single_saves, single_params), (paired, paired_saves, paired_params) = (
+        runs[1], runs[2])
+    assert [(r["stage"], r["step"], r["global_step"]) for r in paired] == (
+        [(1, k, k) for k in range(1, 5)] + [(2, k, 4 + k) for k in range(1, 5)])
+    assert paired_saves == single_saves == [(2, 0), (2, 3)]
+    for got, want in zip(paired, single, strict=True):
+        assert got["tokens"] == want["tokens"]
+        for key in ("loss", "grad_norm", "learning_rate"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (key, got["global_step"])
+    # The pair's two records share the call's time; the single steps' do not.
+    assert paired[0]["seconds"] == paired[1]["seconds"] != paired[2]["seconds"]
+    for key, want in single_params.items():
+        np.testing.assert_allclose(paired_params[key], want,
+                                   atol=1e-5 * (1 + np.abs(want).max()), err_msg=key)
+
+
 def _run(args: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen([sys.executable, "-m", "cpt_jax.train", *args], cwd=ROOT, env=env,
