@@ -89,14 +89,16 @@ def _train(out: Path, data_dir: Path, processes: int, *overrides: str) -> None:
 def test_train_command_on_two_processes_equals_one(tmp_path, mode):
     """The whole run, not a step: every process encodes its share of each batch and the shares
     are gathered, rollout tokens are gathered for the rewards, both processes write the
-    checkpoints. `sequential` runs an SFT stage and a GRPO stage. `rif` runs the GRPO stage
+    checkpoints. `sequential` runs an SFT stage, its two steps in one call
+    (`sft.steps_per_call`: both steps' batches sharded over the processes at once), and a
+    GRPO stage. `rif` runs the GRPO stage
     alone: the random tiny model solves nothing, so the stage keeps no instance and has no
     step, and its checkpoint follows the last rolling one at once."""
     data_dir = tmp_path / "data"
     assert build.main(["--synthetic", "--train", "16", "--test", "8", "--data-dir",
                        str(data_dir)]) == 0
     stages = SFT_THEN_GRPO if mode == "sequential" else "stages=[{task: syn_texture, steps: 2}]"
-    overrides = [f"mode={mode}", "rif.group_size=4", stages]
+    overrides = [f"mode={mode}", "rif.group_size=4", "sft.steps_per_call=2", stages]
     _train(tmp_path / "one", data_dir, 1, *overrides)
     _train(tmp_path / "two", data_dir, 2, *overrides)
     logs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
@@ -111,6 +113,10 @@ def test_train_command_on_two_processes_equals_one(tmp_path, mode):
                 assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
             else:
                 assert two[key] == one[key], key
+    if mode == "sequential":  # the SFT steps ran in one call: they share its time
+        for log in logs:
+            sft = [r["seconds"] for r in log if r["stage"] == 1 and r.get("event") is None]
+            assert len(sft) == 2 and sft[0] == sft[1]
     results = [json.loads((tmp_path / run / "results.json").read_text())
                for run in ("one", "two")]
     assert results[0]["matrix"] == results[1]["matrix"]
