@@ -152,10 +152,7 @@ def sft_update(model: nnx.Module, optimizer: optax.GradientTransformation, *,
         return sums, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
 
     def update(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        leading = {x.shape[0] for x in jax.tree.leaves(batch)}
-        if leading != {micro_batches}:
-            raise ValueError(f"batch arrays have leading axes {sorted(leading)}, expected "
-                             f"{micro_batches} micro-batches (use stack_micro_batches)")
+        _require_leading(batch, micro_batches, "micro-batches (use stack_micro_batches)")
         if micro_batches == 1:
             sums, grads = sums_and_grads(state.params, state.rest,
                                          jax.tree.map(lambda x: x[0], batch))
@@ -203,13 +200,17 @@ def make_sft_steps(model: nnx.Module, optimizer: optax.GradientTransformation, *
     update = sft_update(model, optimizer, micro_batches=micro_batches)
 
     def run(state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        leading = {x.shape[0] for x in jax.tree.leaves(batches)}
-        if leading != {steps}:
-            raise ValueError(f"batch arrays have leading axes {sorted(leading)}, expected "
-                             f"{steps} steps (use stack_micro_batches(..., steps={steps}))")
+        _require_leading(batches, steps, f"steps (use stack_micro_batches(..., steps={steps}))")
         return jax.lax.scan(update, state, batches)
 
     return jax.jit(run, donate_argnums=0)
+
+
+def _require_leading(batch: Batch, size: int, what: str) -> None:
+    leading = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if leading != {size}:
+        raise ValueError(f"batch arrays have leading axes {sorted(leading)}, expected {size} "
+                         f"{what}")
 
 
 def stack_micro_batches(batches: Sequence[dict[str, np.ndarray]], model: Qwen2_5_VL, *,

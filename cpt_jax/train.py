@@ -331,14 +331,12 @@ class ContinualRun:
                                        **self.processes))
 
             def step(state, batches, key, count):
-                parts = [next(batches) for _ in range(micro * count)]
-                if count == 1:
-                    state, metrics = program(state, shard_batch(
-                        stack_micro_batches(parts, self.model), self.mesh))
-                    return state, [metrics]
-                stacked = stack_micro_batches(parts, self.model, steps=count)
+                stacked = stack_micro_batches([next(batches) for _ in range(micro * count)],
+                                              self.model, steps=count)
                 state, metrics = self._program(stage, total_steps, count)(
-                    state, shard_batch(stacked, self.mesh, steps_axis=True))
+                    state, shard_batch(stacked, self.mesh, steps_axis=count > 1))
+                if count == 1:
+                    return state, [metrics]
                 return state, [{k: v[i] for k, v in metrics.items()} for i in range(count)]
 
             return batches, step
