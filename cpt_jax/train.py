@@ -321,7 +321,6 @@ class ContinualRun:
         of each step])`, which makes `count` updates (more than one only for SFT)."""
         config, seed = self.config, self.config.seed + stage.index
         task = stage.tasks[0]  # the template and reward are the same for every task
-        program = self._program(stage, total_steps)
         if stage.algorithm == "sft":
             micro = config.sft.micro_batches
             batches = iter(sft_dataset(source, task=task, tokenizer=self.tokenizer,
@@ -343,6 +342,7 @@ class ContinualRun:
         batches = iter(rl_dataset(source, task=task, tokenizer=self.tokenizer,
                                   batch_size=config.grpo.prompts_per_step, seed=seed,
                                   options=self.options, **self.processes))
+        program = self._program(stage, total_steps)
         program.score_fn = reward_fn(task, config.data.cot)
         program.reference = reference
 
